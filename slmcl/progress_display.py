@@ -1,0 +1,86 @@
+"""Progress bars for ``slmcl run`` (and ``slmcl watch``): stages overall, then the phase at hand.
+
+It consumes the runner's ``Event``s, so the same drawing serves a local run and a
+remote experiment watched over gRPC.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from tqdm import tqdm
+
+
+class ProgressDisplay:
+    def __init__(self, enabled: bool = True, stream: Any = None) -> None:
+        self.enabled = enabled
+        self.stream = stream or sys.stderr
+        self.overall: tqdm | None = None
+        self.phase: tqdm | None = None
+        self._phase_key: tuple[Any, ...] | None = None
+
+    def __enter__(self) -> "ProgressDisplay":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._close_phase()
+        if self.overall is not None:
+            self.overall.close()
+
+    def _close_phase(self) -> None:
+        if self.phase is not None:
+            self.phase.close()
+            self.phase = None
+            self._phase_key = None
+
+    def _open_phase(self, key: tuple[Any, ...], desc: str, total: int, unit: str) -> tqdm:
+        if self._phase_key != key:
+            self._close_phase()
+            self.phase = tqdm(total=total, desc=desc, unit=unit, leave=False, file=self.stream,
+                              disable=not self.enabled, dynamic_ncols=True)
+            self._phase_key = key
+        assert self.phase is not None
+        return self.phase
+
+    def write(self, line: str) -> None:
+        if self.enabled:
+            tqdm.write(line, file=self.stream)
+
+    def __call__(self, event: Any) -> None:
+        e = event.as_dict() if hasattr(event, "as_dict") else event
+        kind, rid, stage, task, data = e["kind"], e["run_id"], e["stage"], e["task"], e["data"]
+        if kind == "experiment_started":
+            self.overall = tqdm(total=data["stages"], initial=data.get("stages_done", 0), desc="stages",
+                                unit="stage", file=self.stream, disable=not self.enabled, dynamic_ncols=True)
+            self.write(f"{data['runs']} run(s), {data['stages']} stage(s) -> {data['output_dir']}")
+        elif kind == "model_loaded":
+            self.write(f"model {data['model']} on {data['device']} ({data['seconds']:.1f} s)")
+        elif kind == "base_eval":
+            self._close_phase()
+            self.write(f"base  {task:<12} accuracy {data['accuracy']:.3f} ({data['correct']}/{data['total']}, "
+                       f"{data['seconds']:.1f} s)")
+        elif kind == "run_started":
+            self.write(f"run {rid}")
+        elif kind == "train_step":
+            bar = self._open_phase(("train", rid, stage), f"train {task} [{rid} stage {stage}]",
+                                   data["total_steps"], "step")
+            bar.n = data["step"]
+            bar.set_postfix(loss=f"{data['loss']:.4f}", ex_s=f"{data['examples_per_s']:.1f}", refresh=False)
+            bar.refresh()
+        elif kind == "eval_progress":
+            label = f"eval  {task}" + (f" [{rid} stage {stage}]" if rid else " [base]")
+            bar = self._open_phase(("eval", rid, stage, task), label, data["total"], "ex")
+            bar.n = data["done"]
+            bar.refresh()
+        elif kind == "stage_skipped":
+            self.write(f"  stage {stage} ({task}) already done: skipped")
+        elif kind == "stage_done":
+            self._close_phase()
+            accs = "  ".join(f"{t} {s['accuracy']:.3f}" for t, s in data["scores"].items())
+            self.write(f"  stage {stage} after {task}: {accs}  | KL {data['stability']['kl_to_base_mean']:.4f} "
+                       f"| {data['seconds']:.0f} s")
+            if self.overall is not None:
+                self.overall.update(1)
+        elif kind == "experiment_done":
+            self._close_phase()

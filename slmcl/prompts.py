@@ -1,0 +1,63 @@
+"""Prompt rendering: the same text for training, evaluation and the stability pass.
+
+The user message is the task instruction, a blank line, then the example prompt (the
+study's layout). No system message unless the spec asks for one; a template that injects
+its own default (SmolLM2's does) keeps it, exactly as in the study. ``raw_prompts`` skips
+the chat template for base models that have none.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from slmcl.spec import ChatSpec
+
+
+def user_message(instruction: str, prompt: str) -> str:
+    if not instruction.strip():
+        return prompt.strip()
+    return f"{instruction.strip()}\n\n{prompt.strip()}"
+
+
+@dataclass(frozen=True)
+class PromptRenderer:
+    tokenizer: Any
+    chat: ChatSpec
+
+    def _messages(self, instruction: str, prompt: str) -> list[dict[str, str]]:
+        messages = []
+        if self.chat.system_prompt:
+            messages.append({"role": "system", "content": self.chat.system_prompt})
+        messages.append({"role": "user", "content": user_message(instruction, prompt)})
+        return messages
+
+    def _template(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+        kwargs = dict(self.chat.template_kwargs)
+        kwargs.setdefault("enable_thinking", self.chat.enable_thinking)
+        return self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs
+        )
+
+    def prompt_text(self, instruction: str, prompt: str) -> str:
+        """The text the model continues from (generation prompt included)."""
+        if self.chat.raw_prompts:
+            return prompt
+        return self._template(self._messages(instruction, prompt), add_generation_prompt=True)
+
+    def full_text(self, instruction: str, prompt: str, target: str) -> str:
+        """Prompt plus the assistant's answer and the template's end-of-turn, for training."""
+        if self.chat.raw_prompts:
+            return prompt + target + (self.tokenizer.eos_token or "")
+        messages = self._messages(instruction, prompt) + [{"role": "assistant", "content": target}]
+        return self._template(messages, add_generation_prompt=False)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What the rendering depends on, for cache keys."""
+        return {
+            "system_prompt": self.chat.system_prompt,
+            "template_kwargs": self.chat.template_kwargs,
+            "enable_thinking": self.chat.enable_thinking,
+            "raw_prompts": self.chat.raw_prompts,
+            "chat_template": None if self.chat.raw_prompts else getattr(self.tokenizer, "chat_template", None),
+        }
