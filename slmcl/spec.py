@@ -365,7 +365,7 @@ def _resolve_paths(spec: ExperimentSpec, base: Path, environ: Mapping[str, str],
     needs_root: list[str] = []
 
     def resolve_data(value: str, where: str) -> str:
-        if not value:
+        if not value or value.startswith("store:"):  # a service spec's store key: the worker localizes it
             return value
         p = Path(os.path.expanduser(value))
         if p.is_absolute():
