@@ -9,7 +9,7 @@ PIP := $(VENV)/bin/pip
 DATA_DIR ?= $(abspath ../shared/data/trace/llm-cl-500)
 export SLMCL_DATA_DIR ?= $(DATA_DIR)
 
-.PHONY: setup dev-setup proto demo test test-fast redis bench clean stack stack-stop
+.PHONY: setup dev-setup proto demo test test-fast redis bench bench-gpu clean stack stack-status stack-stop
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -51,6 +51,19 @@ test: dev-setup redis        ## the whole suite (unit, end-to-end, services)
 
 test-fast: dev-setup         ## unit tests only
 	$(PY) -m pytest -q -p no:cacheprovider tests/unit
+
+STACK_DIR ?= .stack
+STACK_PORT ?= 50051
+STACK_EVALUATORS ?= 2
+
+stack: dev-setup redis       ## the services as local processes on loopback; monitor on 127.0.0.1:$(STACK_PORT)
+	$(PY) scripts/stack.py up --dir $(STACK_DIR) --monitor-port $(STACK_PORT) --evaluators $(STACK_EVALUATORS)
+
+stack-status:
+	$(PY) scripts/stack.py status --dir $(STACK_DIR)
+
+stack-stop:                  ## stops exactly what `make stack` started ($(STACK_DIR)/pids.json)
+	$(PY) scripts/stack.py stop --dir $(STACK_DIR)
 
 clean:
 	rm -rf $(VENV) runs .stack

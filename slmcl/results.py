@@ -18,8 +18,11 @@ from typing import Any, Sequence
 
 from slmcl import metrics as mx
 from slmcl.errors import NotFoundError
-from slmcl.stability import STAT_NAMES, SUMMARIES
 from slmcl.store import ArtifactStore, LocalStore
+
+# The drift statistics and their summaries over the reference set (slmcl.stability computes them).
+STAT_NAMES = ("kl_to_base", "entropy", "margin")
+SUMMARIES = ("mean", "p10", "p95")
 
 SCORES_COLUMNS = ["seed", "step", "checkpoint_task", "eval_task", "eval_task_name", "accuracy", "correct", "total",
                   "order", "model"]

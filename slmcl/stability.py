@@ -21,10 +21,9 @@ import torch
 from slmcl.data import Example
 from slmcl.modeling import LoadedModel
 from slmcl.prompts import PromptRenderer
+from slmcl.results import STAT_NAMES
 from slmcl.spec import BUILTIN_TASKS
 
-STAT_NAMES = ("kl_to_base", "entropy", "margin")
-SUMMARIES = ("mean", "p10", "p95")
 
 
 def reference_prompt_ids(

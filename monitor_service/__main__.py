@@ -1,0 +1,48 @@
+"""python -m monitor_service --host 127.0.0.1 --port 50051
+
+The control plane: gRPC Monitor API, Redis for queues/state/events, the object store for
+results, the evaluator pool from $SLMCL_EVALUATORS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+import redis
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m monitor_service")
+    parser.add_argument("--host", default=os.environ.get("SLMCL_MONITOR_HOST", "0.0.0.0"))
+    parser.add_argument("--port", type=int, default=int(os.environ.get("SLMCL_MONITOR_PORT", "50051")))
+    args = parser.parse_args()
+    logging.basicConfig(level=os.environ.get("SLMCL_LOG_LEVEL", "INFO").upper(), format="%(asctime)s monitor %(levelname)s %(name)s: %(message)s")
+
+    import torch
+
+    if os.environ.get("SLMCL_TORCH_THREADS"):
+        torch.set_num_threads(int(os.environ["SLMCL_TORCH_THREADS"]))
+    from monitor_service.control import Control
+    from monitor_service.evaluators import EvaluatorPool
+    from monitor_service.server import MonitorServicer
+    from service_common.grpc_server import make_server, serve
+    from service_common.s3_store import S3Store
+    from service_common.settings import Settings
+    from slmcl.modeling import quiet_transformers
+    from slmcl_api.v1 import monitor_pb2, monitor_pb2_grpc
+
+    quiet_transformers()
+    settings = Settings()
+    store = S3Store.from_settings(settings)
+    control = Control(settings, store, redis.Redis.from_url(settings.redis_url), EvaluatorPool(settings.evaluators))
+    control.start()
+    server = make_server()
+    monitor_pb2_grpc.add_MonitorServicer_to_server(MonitorServicer(control), server)
+    serve(server, f"{args.host}:{args.port}", [monitor_pb2.DESCRIPTOR.services_by_name["Monitor"].full_name],
+          on_stop=control.stop)
+
+
+if __name__ == "__main__":
+    main()

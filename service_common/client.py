@@ -1,0 +1,101 @@
+"""A small Python client of the Monitor API (what ``slmcl submit/watch/...`` use)."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+import grpc
+
+from service_common.datasets import sha256_hex, spec_paths
+from service_common.grpc_server import channel
+from slmcl.spec import ExperimentSpec
+from slmcl_api.v1 import monitor_pb2, monitor_pb2_grpc
+
+SERVER_ENV = "SLMCL_SERVER"
+DEFAULT_SERVER = "127.0.0.1:50051"
+
+
+def server_address(explicit: str | None = None) -> str:
+    return explicit or os.environ.get(SERVER_ENV) or DEFAULT_SERVER
+
+
+class MonitorClient:
+    def __init__(self, address: str | None = None, timeout: float = 60.0) -> None:
+        self.address = server_address(address)
+        self.channel = channel(self.address)
+        self.stub = monitor_pb2_grpc.MonitorStub(self.channel)
+        self.timeout = timeout
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def submit(self, spec: ExperimentSpec, client_request_id: str | None = None) -> monitor_pb2.Experiment:
+        """Ship the resolved spec with the bytes of every dataset file it names."""
+        files, seen = [], set()
+        for _field, path in spec_paths(spec):
+            if path in seen:
+                continue
+            seen.add(path)
+            content = Path(path).read_bytes()
+            files.append(monitor_pb2.DatasetFile(path=path, content=content, sha256=sha256_hex(content)))
+        req = monitor_pb2.SubmitExperimentRequest(spec_json=spec.to_json(), files=files,
+                                                  client_request_id=client_request_id or uuid.uuid4().hex)
+        return self.stub.SubmitExperiment(req, timeout=self.timeout)
+
+    def get(self, exp_id: str) -> monitor_pb2.Experiment:
+        return self.stub.GetExperiment(monitor_pb2.GetExperimentRequest(id=exp_id), timeout=self.timeout)
+
+    def list(self) -> list[monitor_pb2.Experiment]:
+        return list(self.stub.ListExperiments(monitor_pb2.ListExperimentsRequest(), timeout=self.timeout).experiments)
+
+    def cancel(self, exp_id: str) -> monitor_pb2.Experiment:
+        return self.stub.CancelExperiment(monitor_pb2.CancelExperimentRequest(id=exp_id), timeout=self.timeout)
+
+    def watch(self, exp_id: str, after: str = "") -> Iterator[monitor_pb2.ExperimentEvent]:
+        return self.stub.WatchExperiment(monitor_pb2.WatchExperimentRequest(id=exp_id, after_event_id=after))
+
+    def results(self, exp_id: str, out: str | Path, include_checkpoints: bool = True) -> Path:
+        return _write_chunks(self.stub.GetResults(
+            monitor_pb2.GetResultsRequest(id=exp_id, include_checkpoints=include_checkpoints)), Path(out))
+
+    def pull(self, exp_id: str, run_id: str, step: int, out: str | Path) -> Path:
+        return _write_chunks(self.stub.GetCheckpoint(
+            monitor_pb2.GetCheckpointRequest(id=exp_id, run_id=run_id, step=step)), Path(out))
+
+
+def _write_chunks(chunks: Any, out: Path) -> Path:
+    """Assemble streamed files under ``out`` (each written to a temp name, renamed when complete)."""
+    out.mkdir(parents=True, exist_ok=True)
+    current: Path | None = None
+    fh = None
+    try:
+        for c in chunks:
+            if c.path:
+                target = (out / c.path).resolve()
+                if out.resolve() not in target.parents:
+                    raise ValueError(f"refusing to write outside {out}: {c.path}")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                current = target
+                fh = open(target.with_name(target.name + ".part"), "wb")
+            if fh is None or current is None:
+                raise ValueError("stream sent data before a file name")
+            fh.write(c.data)
+            if c.last:
+                fh.close()
+                fh = None
+                os.replace(current.with_name(current.name + ".part"), current)
+    finally:
+        if fh is not None:
+            fh.close()
+    return out
+
+
+def event_data(ev: monitor_pb2.ExperimentEvent) -> dict[str, Any]:
+    return json.loads(ev.data_json or "{}")
+
+
+__all__ = ["MonitorClient", "event_data", "grpc", "server_address"]

@@ -1,0 +1,61 @@
+"""Specs across hosts: dataset files travel as content-addressed objects in the store.
+
+The client ships the bytes of every file its spec names; the monitor stores each once
+under ``datasets/<sha256>.json`` and rewrites the spec's paths to ``store:`` keys; a
+worker fetches (and caches) them back to local files before it touches the spec.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+from service_common.keys import STORE_PREFIX, dataset_key
+from slmcl.spec import ExperimentSpec
+from slmcl.store import ArtifactStore
+
+
+def spec_paths(spec: ExperimentSpec) -> list[tuple[str, str]]:
+    """(field, path) of every dataset file a spec names."""
+    out = []
+    for i, t in enumerate(spec.tasks):
+        out += [(f"tasks[{i}].train_file", t.train_file), (f"tasks[{i}].test_file", t.test_file)]
+    out.append(("reference.file", spec.reference.file))
+    return out
+
+
+def map_paths(spec: ExperimentSpec, fn: Callable[[str], str]) -> ExperimentSpec:
+    tasks = [dataclasses.replace(t, train_file=fn(t.train_file), test_file=fn(t.test_file)) for t in spec.tasks]
+    return dataclasses.replace(spec, tasks=tasks, reference=dataclasses.replace(spec.reference, file=fn(spec.reference.file)))
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def localize(spec: ExperimentSpec, store: ArtifactStore, work_dir: str | Path) -> ExperimentSpec:
+    """Replace ``store:`` dataset paths by local cached copies (verified by their hash)."""
+    cache = Path(work_dir) / "datasets"
+    cache.mkdir(parents=True, exist_ok=True)
+
+    def fetch(path: str) -> str:
+        if not path.startswith(STORE_PREFIX):
+            return path
+        key = path[len(STORE_PREFIX):]
+        local = cache / Path(key).name
+        if not local.is_file():
+            data = store.get_bytes(key)
+            fd, tmp = tempfile.mkstemp(dir=cache)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            os.replace(tmp, local)
+        return str(local)
+
+    return map_paths(spec, fetch)
+
+
+__all__ = ["dataset_key", "localize", "map_paths", "sha256_hex", "spec_paths"]

@@ -1,0 +1,37 @@
+"""Service settings from the environment (the compose file and `make stack` set them).
+
+One frozen dataclass, read once at start-up, so a typo in a variable fails loudly at boot
+rather than at the first job.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(name, default)
+
+
+@dataclass(frozen=True)
+class Settings:
+    redis_url: str = field(default_factory=lambda: _env("SLMCL_REDIS_URL", "redis://127.0.0.1:6379/0"))
+    s3_endpoint: str = field(default_factory=lambda: _env("SLMCL_S3_ENDPOINT", "127.0.0.1:9000"))
+    s3_access_key: str = field(default_factory=lambda: _env("SLMCL_S3_ACCESS_KEY", ""))
+    s3_secret_key: str = field(default_factory=lambda: _env("SLMCL_S3_SECRET_KEY", ""))
+    s3_bucket: str = field(default_factory=lambda: _env("SLMCL_S3_BUCKET", "slmcl"))
+    s3_secure: bool = field(default_factory=lambda: _env("SLMCL_S3_SECURE", "0") in ("1", "true", "yes"))
+    s3_region: str = field(default_factory=lambda: _env("SLMCL_S3_REGION", "us-east-1"))
+    # Where services cache datasets and adapters pulled from the store.
+    work_dir: str = field(default_factory=lambda: _env("SLMCL_WORK_DIR", os.path.expanduser("~/.cache/slmcl/work")))
+    queue: str = field(default_factory=lambda: _env("SLMCL_QUEUE", "slmcl-train"))
+    # Evaluator replicas the monitor fans out to: "host:port,host:port" or "dns:///evaluator:50052".
+    evaluators: str = field(default_factory=lambda: _env("SLMCL_EVALUATORS", "127.0.0.1:50052"))
+    eval_shards_per_task: int = field(default_factory=lambda: int(_env("SLMCL_EVAL_SHARDS_PER_TASK", "1")))
+    monitor_address: str = field(default_factory=lambda: _env("SLMCL_MONITOR_ADDRESS", "127.0.0.1:50051"))
+    device: str = field(default_factory=lambda: _env("SLMCL_DEVICE", "auto"))
+
+    def require_s3(self) -> None:
+        if not self.s3_access_key or not self.s3_secret_key:
+            raise SystemExit("SLMCL_S3_ACCESS_KEY and SLMCL_S3_SECRET_KEY must be set (see .env.example)")

@@ -1,0 +1,186 @@
+"""The service trio end to end: real Redis, the S3 gateway, the monitor, a trainer worker and
+two evaluator replicas as separate processes on loopback, driven through the gRPC client.
+The numbers must equal those of `slmcl run` on the same spec and seed."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Iterator
+
+import grpc
+import pytest
+
+from service_common.client import MonitorClient
+from service_common.local_servers import free_port, stop_pid
+from slmcl.runner import ExperimentRunner
+from slmcl.spec import spec_from_dict
+from slmcl_api.v1 import evaluator_pb2, evaluator_pb2_grpc, monitor_pb2
+from tests.conftest import tiny_spec_dict
+from tests.services.conftest import start_process, wait_healthy
+
+
+class Trio:
+    def __init__(self, env: dict[str, str], logs: Path) -> None:
+        self.env, self.logs = env, logs
+        self.procs: dict[str, object] = {}
+        self.eval_addresses = [f"127.0.0.1:{free_port()}" for _ in range(2)]
+        self.monitor_address = f"127.0.0.1:{free_port()}"
+
+    def start_trainer(self, name: str = "trainer-1") -> None:
+        self.procs[name] = start_process(["-m", "trainer_service", "--name", f"{name}-{os.getpid()}"], self.env,
+                                         self.logs / f"{name}.log")
+
+    def start(self) -> None:
+        for i, addr in enumerate(self.eval_addresses, 1):
+            host, port = addr.split(":")
+            env = {**self.env, "SLMCL_REPLICA_ID": f"evaluator-{i}"}
+            self.procs[f"evaluator-{i}"] = start_process(["-m", "evaluator_service", "--host", host, "--port", port],
+                                                         env, self.logs / f"evaluator-{i}.log")
+        host, port = self.monitor_address.split(":")
+        self.procs["monitor"] = start_process(
+            ["-m", "monitor_service", "--host", host, "--port", port],
+            {**self.env, "SLMCL_EVALUATORS": ",".join(self.eval_addresses)}, self.logs / "monitor.log")
+        self.start_trainer()
+        for i, addr in enumerate(self.eval_addresses, 1):
+            wait_healthy(addr, self.procs[f"evaluator-{i}"])
+        wait_healthy(self.monitor_address, self.procs["monitor"])
+
+    def kill(self, name: str) -> None:
+        proc = self.procs.pop(name)
+        os.killpg(proc.pid, signal.SIGKILL)  # the worker and anything it started, as in a container crash
+        proc.wait()
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            stop_pid(proc.pid)
+
+    def tail(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(self.logs.glob("*.log")))
+
+
+@pytest.fixture()
+def trio(service_env: dict[str, str], tmp_path: Path) -> Iterator[Trio]:
+    t = Trio({**service_env, "SLMCL_TORCH_THREADS": "1"}, tmp_path / "logs")
+    t.start()
+    yield t
+    t.stop()
+
+
+def _csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _watch_to_end(client: MonitorClient, exp_id: str, trio: Trio, timeout: float = 600) -> list:
+    events = []
+    deadline = time.monotonic() + timeout
+    for ev in client.watch(exp_id):
+        events.append(ev)
+        assert time.monotonic() < deadline, "experiment did not finish in time\n" + trio.tail()
+    return events
+
+
+def test_submit_watch_results_equal_the_embedded_run(trio: Trio, tiny_model_dir: Path, data_dir: Path,
+                                                     tmp_path: Path) -> None:
+    spec = spec_from_dict(tiny_spec_dict(tiny_model_dir, data_dir, tmp_path / "embedded"))
+    ExperimentRunner(spec).run()
+
+    client = MonitorClient(trio.monitor_address)
+    exp = client.submit(spec, client_request_id="req-1")
+    assert client.submit(spec, client_request_id="req-1").id == exp.id  # idempotent submit
+    events = _watch_to_end(client, exp.id, trio)
+    kinds = [e.kind for e in events]
+    assert kinds[-1] == "experiment_done", trio.tail()
+    assert events[-1].state == monitor_pb2.SUCCEEDED
+    assert "train_step" in kinds and "stage_trained" in kinds
+    stage_rows = [(e.stage.run_id, e.stage.step) for e in events if e.kind == "stage_done"]
+    assert sorted(stage_rows) == [("fomc.numgluecm-s7", k) for k in range(3)]
+
+    out = client.results(exp.id, tmp_path / "service")
+    emb = tmp_path / "embedded"
+
+    def key(r: dict[str, str]) -> tuple:
+        return r["seed"], r["step"], r["eval_task"]
+
+    service_scores = sorted(_csv(out / "scores.csv"), key=key)
+    assert service_scores == sorted(_csv(emb / "scores.csv"), key=key)
+    for a, b in zip(_csv(out / "stability.csv"), _csv(emb / "stability.csv")):
+        for col in a:
+            if col.startswith(("kl_", "entropy", "margin")):
+                assert float(a[col]) == pytest.approx(float(b[col]), abs=1e-6), col
+    import json
+
+    s_sum, e_sum = json.loads((out / "summary.json").read_text()), json.loads((emb / "summary.json").read_text())
+    assert s_sum["orders"][0]["metrics"] == e_sum["orders"][0]["metrics"]
+    assert s_sum["orders"][0]["matrix_mean"] == e_sum["orders"][0]["matrix_mean"]
+
+    # every stage's adapter: pulled through the API, a PEFT folder, equal to the embedded one
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    for step in (1, 2):
+        pulled = client.pull(exp.id, "fomc.numgluecm-s7", step, tmp_path / f"pull-{step}")
+        PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), pulled)
+        a = load_file(pulled / "adapter_model.safetensors")
+        b = load_file(emb / "checkpoints" / "fomc.numgluecm-s7" / f"step-{step}" / "adapter_model.safetensors")
+        assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+
+    # both evaluator replicas served requests
+    for addr in trio.eval_addresses:
+        with grpc.insecure_channel(addr) as ch:
+            info = evaluator_pb2_grpc.EvaluatorStub(ch).Info(evaluator_pb2.InfoRequest(), timeout=10)
+            assert info.requests_served > 0, f"{addr} served nothing"
+
+    listed = [e.id for e in client.list()]
+    assert exp.id in listed
+
+
+def test_errors_map_to_status_codes(trio: Trio, tiny_model_dir: Path, data_dir: Path, tmp_path: Path) -> None:
+    client = MonitorClient(trio.monitor_address)
+    spec = spec_from_dict(tiny_spec_dict(tiny_model_dir, data_dir, tmp_path / "x"))
+    bad = spec.to_dict()
+    bad["lora"]["rank"] = 0
+    import json
+
+    with pytest.raises(grpc.RpcError) as err:
+        client.stub.SubmitExperiment(monitor_pb2.SubmitExperimentRequest(spec_json=json.dumps(bad)))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "lora.rank" in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:  # dataset files not shipped
+        client.stub.SubmitExperiment(monitor_pb2.SubmitExperimentRequest(spec_json=spec.to_json()))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "train_file" in err.value.details()
+    for call in (lambda: client.get("nope"), lambda: client.cancel("nope"),
+                 lambda: list(client.watch("nope")), lambda: client.results("nope", tmp_path / "r")):
+        with pytest.raises(grpc.RpcError) as err:
+            call()
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_trainer_crash_midrun_completes_with_one_row_per_stage(trio: Trio, tiny_model_dir: Path, data_dir: Path,
+                                                              tmp_path: Path) -> None:
+    # Slow enough stages (more rows, one row per step) that the kill lands mid-run.
+    spec = spec_from_dict(tiny_spec_dict(
+        tiny_model_dir, data_dir, tmp_path / "x", tasks=["fomc", "scienceqa", "numgluecm"],
+        training={"max_examples": 96, "grad_accum": 1, "batch_size": 1}))
+    client = MonitorClient(trio.monitor_address)
+    exp = client.submit(spec)
+    seen_stage_one = False
+    for ev in client.watch(exp.id):
+        if ev.kind == "stage_trained" and ev.step == 1:
+            seen_stage_one = True
+        if seen_stage_one and ev.kind == "train_step" and ev.step == 2:
+            break
+    trio.kill("trainer-1")
+    trio.start_trainer("trainer-2")
+    events = _watch_to_end(client, exp.id, trio, timeout=400)
+    assert events[-1].kind == "experiment_done", trio.tail()
+    out = client.results(exp.id, tmp_path / "service", include_checkpoints=False)
+    rows = _csv(out / "scores.csv")
+    keys = [(r["step"], r["eval_task"]) for r in rows]
+    assert len(keys) == len(set(keys)) == 4 * 3
+    stab = _csv(out / "stability.csv")
+    assert sorted(r["step"] for r in stab) == ["0", "1", "2", "3"]
