@@ -275,7 +275,7 @@ class Control:
                 continue
             futures[task.name] = self._stages.submit(self._evaluate_task, exp_id, "", task.name, "", 0)
         for name, fut in futures.items():
-            score, preds = fut.result()
+            score, preds, _seconds = fut.result()
             scores[name] = score
             write_predictions(results, predictions_key("base", 0, name), preds)
             self.store.put_bytes(f"cache/base-eval/{eval_keys[name]}.json",
@@ -290,7 +290,8 @@ class Control:
         self._maybe_finish(exp_id)
 
     # ------------------------------------------------------------------ stages 1..K
-    def _evaluate_task(self, exp_id: str, rid: str, task: str, ckpt: str, step: int) -> tuple[dict[str, Any], list]:
+    def _evaluate_task(self, exp_id: str, rid: str, task: str, ckpt: str, step: int
+                       ) -> tuple[dict[str, Any], list[dict[str, Any]], float]:
         spec_json = self.spec(exp_id).to_json()
         shards = max(1, self.settings.eval_shards_per_task)
         prefix = f"{keys.experiment_prefix(exp_id)}/{ckpt}" if ckpt else ""
@@ -314,7 +315,8 @@ class Control:
         self.redis.hincrby("slmcl:replica-requests", ",".join(sorted({p.replica_id for p in parts})), 1)
         for p in parts:
             self.redis.hincrby("slmcl:replica-served", p.replica_id, 1)
-        return {"accuracy": correct / total if total else 0.0, "correct": correct, "total": total}, preds
+        score = {"accuracy": correct / total if total else 0.0, "correct": correct, "total": total}
+        return score, preds, sum(p.seconds for p in parts)
 
     def process_stage(self, fields: dict[str, str]) -> None:
         exp_id, rid, step, task = fields["experiment_id"], fields["run_id"], int(fields["step"]), fields["task"]
@@ -333,17 +335,23 @@ class Control:
         if not (local / "adapter_model.safetensors").is_file():
             get_dir(results, ckpt, local)
         with self._engine_lock:
+            t_stab = time.perf_counter()
             engine = self.engine(spec)
             engine.load_adapter(local)
             stab = engine.stability(self.store).as_dict()
-        scores = {}
+            stab_seconds = time.perf_counter() - t_stab
+        scores, eval_seconds = {}, 0.0
         for name, fut in futures.items():
-            score, preds = fut.result()
+            score, preds, seconds = fut.result()
             scores[name] = score
+            eval_seconds += seconds
             write_predictions(results, predictions_key(rid, step, name), preds)
         trained = json.loads(results.get_bytes(keys.trained_key(rid, step)))
-        rec = StageRecord(rid, order, seed, step, task, spec.model.name, scores, stab, train=trained.get("train", {}),
-                          checkpoint=checkpoint_prefix(rid, step))
+        train = trained.get("train", {})
+        rec = StageRecord(rid, order, seed, step, task, spec.model.name, scores, stab, train=train,
+                          checkpoint=checkpoint_prefix(rid, step),
+                          timing={"train_seconds": float(train.get("seconds", 0.0)), "eval_seconds": eval_seconds,
+                                  "stability_seconds": stab_seconds})
         write_stage(results, rec)
         self._stage_committed(exp_id, rid, step, task, scores, stab)
         if step == len(order):

@@ -44,7 +44,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from service_common.local_servers import free_port, start_redis, start_s3  # noqa: E402
+from service_common.local_servers import free_port, port_is_free, start_redis, start_s3  # noqa: E402
 
 STATE = "pids.json"
 CREDENTIALS = "credentials.env"
@@ -232,15 +232,6 @@ def rq_worker_registered(redis_url: str, pid: int, name: str, log: Path) -> bool
         return "Listening on" in log.read_text(errors="replace")
     except OSError:
         return False
-
-
-def port_is_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
 
 
 def tail(path: Path, lines: int = 40) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import signal
 import threading
@@ -32,39 +33,40 @@ def status_for(exc: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-def rpc(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Decorate a servicer method: a raised domain error aborts with the matching status."""
+def _abort(fn_name: str, exc: Exception, context: grpc.ServicerContext) -> None:
+    code = status_for(exc)
+    if code == grpc.StatusCode.INTERNAL:
+        log.exception("%s failed", fn_name)  # a bug, not the caller's fault: keep the traceback
+    context.abort(code, str(exc) or type(exc).__name__)
 
+
+def rpc(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorate a unary servicer method: a raised domain error aborts with the matching status."""
+
+    @functools.wraps(fn)
     def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
         try:
             return fn(self, request, context)
         except grpc.RpcError:
             raise
-        except Exception as exc:  # noqa: BLE001 - mapped to a status, and logged when unexpected
-            code = status_for(exc)
-            if code == grpc.StatusCode.INTERNAL:
-                log.exception("%s failed", fn.__name__)
-            context.abort(code, str(exc) or type(exc).__name__)
+        except Exception as exc:  # noqa: BLE001 - mapped to a status code
+            _abort(fn.__name__, exc, context)
 
-    wrapper.__name__ = fn.__name__
-    wrapper.__doc__ = fn.__doc__
     return wrapper
 
 
 def rpc_stream(fn: Callable[..., Iterable[Any]]) -> Callable[..., Iterable[Any]]:
+    """The same for a server-streaming method."""
+
+    @functools.wraps(fn)
     def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Iterable[Any]:
         try:
             yield from fn(self, request, context)
         except grpc.RpcError:
             raise
-        except Exception as exc:  # noqa: BLE001
-            code = status_for(exc)
-            if code == grpc.StatusCode.INTERNAL:
-                log.exception("%s failed", fn.__name__)
-            context.abort(code, str(exc) or type(exc).__name__)
+        except Exception as exc:  # noqa: BLE001 - mapped to a status code
+            _abort(fn.__name__, exc, context)
 
-    wrapper.__name__ = fn.__name__
-    wrapper.__doc__ = fn.__doc__
     return wrapper
 
 

@@ -26,12 +26,13 @@ def free_port(avoid: set[int] | None = None, below: int = 55000) -> int:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        if port < below and port not in avoid and (port + 10000) not in avoid and _is_free(port + 10000):
+        if port < below and port not in avoid and (port + 10000) not in avoid and port_is_free(port + 10000):
             return port
     raise RuntimeError("no free port found")
 
 
-def _is_free(port: int) -> bool:
+def port_is_free(port: int) -> bool:
+    """Whether 127.0.0.1:port can be bound right now."""
     with socket.socket() as s:
         try:
             s.bind(("127.0.0.1", port))

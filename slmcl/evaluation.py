@@ -10,6 +10,7 @@ explicit position ids, so a batched row gives the same tokens as the row alone.
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Sequence
@@ -59,6 +60,23 @@ class Generation:
     hit_max_tokens: bool
 
 
+MIN_SHARED_PREFIX = 16  # below this, a separate prefix pass costs more than it saves
+
+
+def common_prefix_length(prompts: Sequence[list[int]]) -> int:
+    """Tokens every prompt starts with (chat template, system prompt, instruction, task preamble),
+    leaving at least one token of each prompt to feed after the shared part."""
+    if len(prompts) < 2:
+        return 0
+    first, n = prompts[0], min(len(p) for p in prompts) - 1
+    for p in prompts[1:]:
+        k = 0
+        while k < n and p[k] == first[k]:
+            k += 1
+        n = k
+    return max(n, 0)
+
+
 @torch.inference_mode()
 def greedy_generate(
     model: Any,
@@ -70,23 +88,43 @@ def greedy_generate(
     batch_size: int,
     device: torch.device,
     on_batch: Callable[[int], None] | None = None,
+    share_prefix: bool = True,
 ) -> list[Generation]:
-    """Greedy continuations of tokenized prompts, in input order."""
+    """Greedy continuations of tokenized prompts, in input order.
+
+    The prompts of one task share a long head (template, instruction, the task's preamble:
+    50-65 % of the tokens on TRACE). Its KV cache is computed once and repeated for every
+    batch, so prefill only pays for each row's own tail.
+    """
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
     results: list[Generation | None] = [None] * len(prompts)
     stop = torch.tensor(list(stop_ids), device=device)
+    shared = common_prefix_length(prompts) if share_prefix else 0
+    prefix_cache = None
+    if shared >= MIN_SHARED_PREFIX:
+        head = torch.tensor([prompts[0][:shared]], device=device)
+        prefix_cache = model(input_ids=head, use_cache=True).past_key_values
+    else:
+        shared = 0
     for start in range(0, len(order), batch_size):
         batch_idx = order[start: start + batch_size]
-        width = max(len(prompts[i]) for i in batch_idx)
+        tails = [prompts[i][shared:] for i in batch_idx]
+        width = max(len(t) for t in tails)
         ids = torch.full((len(batch_idx), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch_idx), width), dtype=torch.long)
-        for r, i in enumerate(batch_idx):
-            p = prompts[i]
-            ids[r, width - len(p):] = torch.tensor(p)
-            mask[r, width - len(p):] = 1
-        ids, mask = ids.to(device), mask.to(device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+        tail_mask = torch.zeros((len(batch_idx), width), dtype=torch.long)
+        for r, t in enumerate(tails):
+            ids[r, width - len(t):] = torch.tensor(t)
+            tail_mask[r, width - len(t):] = 1
+        ids, tail_mask = ids.to(device), tail_mask.to(device)
+        positions = shared + (tail_mask.cumsum(-1) - 1).clamp(min=0)
+        if prefix_cache is not None:
+            cache = copy.deepcopy(prefix_cache)
+            cache.batch_repeat_interleave(len(batch_idx))
+            mask = torch.cat([tail_mask.new_ones((len(batch_idx), shared)), tail_mask], dim=1)
+        else:
+            cache, mask = None, tail_mask
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                    use_cache=True, logits_to_keep=1)
         cache = out.past_key_values
         next_tok = out.logits[:, -1, :].argmax(-1)
         last_pos = positions[:, -1]

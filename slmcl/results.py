@@ -68,6 +68,7 @@ class StageRecord:
     stability: dict[str, Any]
     train: dict[str, Any] = field(default_factory=dict)  # losses per optimizer step, tokens, seconds
     checkpoint: str = ""  # store prefix of the adapter
+    timing: dict[str, float] = field(default_factory=dict)  # eval_seconds, stability_seconds (benchmarks read it)
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, sort_keys=True, indent=1, allow_nan=False, default=_nan_to_none)

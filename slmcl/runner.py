@@ -189,17 +189,23 @@ class ExperimentRunner:
         engine.save_adapter(Path(spec.output_dir) / prefix)
         t_train = time.perf_counter() - t0
         scores: dict[str, dict[str, Any]] = {}
+        eval_seconds = 0.0
         for t in spec.tasks:
             ev = engine.evaluate(t, on_progress=self._eval_progress(rid, step, t.name))
             write_predictions(self.store, predictions_key(rid, step, t.name), [p.as_dict() for p in ev.predictions])
             scores[t.name] = {"accuracy": ev.accuracy, "correct": ev.correct, "total": ev.total}
+            eval_seconds += ev.seconds
+        t_stab = time.perf_counter()
         stab = engine.stability(self.store)
+        timing = {"train_seconds": trained.seconds, "eval_seconds": eval_seconds,
+                  "stability_seconds": time.perf_counter() - t_stab}
         rec = StageRecord(
             rid, order, seed, step, task_name, spec.model.name, scores, stab.as_dict(),
             train={"steps": [s.__dict__ for s in trained.steps], "examples": trained.examples,
                    "tokens": trained.tokens, "padded_fraction": trained.padded_fraction,
                    "seconds": trained.seconds, "strategy_state": trained.strategy_state},
             checkpoint=prefix,
+            timing=timing,
         )
         write_stage(self.store, rec)  # the commit point of this stage
         write_tables(self.store, read_stages(self.store))

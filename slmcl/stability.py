@@ -18,6 +18,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from slmcl.batching import length_batches
 from slmcl.data import Example
 from slmcl.modeling import LoadedModel
 from slmcl.prompts import PromptRenderer
@@ -38,6 +39,9 @@ def reference_prompt_ids(
     return out
 
 
+PASS_OVERHEAD_TOKENS = 64  # what one more forward pass costs, in padded-token equivalents
+
+
 @torch.inference_mode()
 def last_position_logprobs(
     model: Any,
@@ -48,11 +52,14 @@ def last_position_logprobs(
     device: torch.device,
     on_forward: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
-    """log p(next token | row) at each row's last position, float32 on the CPU, input order."""
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
+    """log p(next token | row) at each row's last position, float32 on the CPU, input order.
+
+    Rows are batched by length (at most ``batch_size`` rows) so that little padding is computed.
+    """
     out: list[torch.Tensor | None] = [None] * len(prompts)
-    for start in range(0, len(order), batch_size):
-        idx = order[start: start + batch_size]
+    lengths = [len(p) for p in prompts]
+    budget = batch_size * max(lengths, default=1)
+    for idx in length_batches(lengths, max_rows=batch_size, token_budget=budget, overhead=PASS_OVERHEAD_TOKENS):
         width = max(len(prompts[i]) for i in idx)
         ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(idx), width), dtype=torch.long)

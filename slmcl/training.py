@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from slmcl.answers import training_target
+from slmcl.batching import length_batches
 from slmcl.data import Example
 from slmcl.errors import DataError, TrainingError
 from slmcl.prompts import PromptRenderer
@@ -105,30 +106,10 @@ class StageTrainResult:
 
 
 def _chunks(items: list[tuple[SFTExample, float]], budget: int) -> list[list[tuple[SFTExample, float]]]:
-    """Split an optimizer step's rows into forward passes with the least padding.
-
-    Rows are sorted by length and cut into contiguous groups by a small dynamic program
-    that minimises padded tokens plus a per-forward overhead (budget/16 token-equivalents),
-    with no group over ``budget`` padded tokens (a single longer row still gets its own pass).
-    """
-    items = sorted(items, key=lambda it: len(it[0].input_ids), reverse=True)
-    lengths = [len(ex.input_ids) for ex, _ in items]
-    n, overhead = len(items), max(1, budget // 16)
-    best = [0.0] + [float("inf")] * n
-    cut = [0] * (n + 1)
-    for i in range(1, n + 1):
-        for j in range(i - 1, -1, -1):
-            size = lengths[j] * (i - j)  # group items[j:i], padded to its longest row (items[j])
-            if size > budget and i - j > 1:
-                break
-            cost = best[j] + size + overhead
-            if cost < best[i]:
-                best[i], cut[i] = cost, j
-    groups, i = [], n
-    while i > 0:
-        groups.append(items[cut[i]:i])
-        i = cut[i]
-    return groups[::-1]
+    """An optimizer step's rows as forward passes with the least padding (budget/16 overhead each)."""
+    groups = length_batches([len(ex.input_ids) for ex, _ in items], max_rows=len(items) or 1,
+                            token_budget=budget, overhead=max(1, budget // 16))
+    return [[items[i] for i in g] for g in groups]
 
 
 def _accepts_logits_to_keep(model: Any) -> bool:

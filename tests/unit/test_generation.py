@@ -75,9 +75,11 @@ class CountingModel:
     def __init__(self, model: Any) -> None:
         self.model = model
         self.sizes: list[int] = []
+        self.widths: list[int] = []
 
     def __call__(self, **kw: Any) -> Any:
         self.sizes.append(int(kw["input_ids"].shape[0]))
+        self.widths.append(int(kw["input_ids"].shape[1]))
         return self.model(**kw)
 
 
@@ -172,3 +174,23 @@ def test_evaluate_task_reports_predictions(loaded: LoadedModel) -> None:
     assert all(p.gold_normalized == "A" for p in ev.predictions)
     assert ev.correct == sum(p.correct for p in ev.predictions)
     assert ev.new_tokens == sum(p.new_tokens for p in ev.predictions) <= 12
+
+
+def test_shared_prefix_is_computed_once_and_changes_no_token(loaded: LoadedModel) -> None:
+    """Prompts with a common head (as every task's are): one prefix pass, then only the tails."""
+    rng = random.Random(1)
+    head = [rng.randrange(20, 49152) for _ in range(24)]
+    tails = [[rng.randrange(20, 49152) for _ in range(n)] for n in (3, 11, 7, 1, 15)]
+    prompts = [head + t for t in tails]
+    want = [hf_greedy(loaded, p, MAX_NEW, loaded.stop_token_ids) for p in prompts]
+    counting = CountingModel(loaded.model)
+    got = greedy_generate(counting, prompts, pad_id=loaded.pad_token_id, stop_ids=loaded.stop_token_ids,
+                          max_new_tokens=MAX_NEW, batch_size=2, device=CPU)
+    assert [g.token_ids for g in got] == [w[:MAX_NEW] for w in want]
+    # one prefix forward of batch 1, then 3 batches (2, 2, 1) of prefill + decode
+    assert counting.sizes[0] == 1 and counting.sizes.count(1) >= 1
+    prefill_widths = counting.widths[1:]
+    assert max(prefill_widths) <= 15, "prefill re-fed the shared head"
+    plain = greedy_generate(loaded.model, prompts, pad_id=loaded.pad_token_id, stop_ids=loaded.stop_token_ids,
+                            max_new_tokens=MAX_NEW, batch_size=2, device=CPU, share_prefix=False)
+    assert [g.token_ids for g in plain] == [g.token_ids for g in got]
