@@ -52,6 +52,13 @@ test: dev-setup redis        ## the whole suite (unit, end-to-end, services)
 test-fast: dev-setup         ## unit tests only
 	$(PY) -m pytest -q -p no:cacheprovider tests/unit
 
+bench: dev-setup             ## naive vs ours side by side on CPU (<= 15 min on 2 cores); writes bench/results/
+	$(PY) -m bench.run_bench --device cpu
+
+BENCH_SHAPES ?= smollm2-135m llama-3.2-1b
+bench-gpu: dev-setup         ## the same on a CUDA machine (bf16, random weights of real shapes); needs a CUDA build of torch
+	for shape in $(BENCH_SHAPES); do $(PY) -m bench.run_bench --device cuda --model-shape $$shape || exit 1; done
+
 STACK_DIR ?= .stack
 STACK_PORT ?= 50051
 STACK_EVALUATORS ?= 2

@@ -274,8 +274,10 @@ class Control:
                 write_predictions(results, predictions_key("base", 0, task.name), cached["predictions"])
                 continue
             futures[task.name] = self._stages.submit(self._evaluate_task, exp_id, "", task.name, "", 0)
+        base_eval_seconds = 0.0
         for name, fut in futures.items():
-            score, preds, _seconds = fut.result()
+            score, preds, seconds = fut.result()
+            base_eval_seconds += seconds
             scores[name] = score
             write_predictions(results, predictions_key("base", 0, name), preds)
             self.store.put_bytes(f"cache/base-eval/{eval_keys[name]}.json",
@@ -285,7 +287,8 @@ class Control:
             for seed in spec.seeds:
                 rid = run_id(order, seed)
                 if not results.exists(stage_key(rid, 0)):
-                    write_stage(results, StageRecord(rid, order, seed, 0, "base", spec.model.name, scores, base_stab))
+                    write_stage(results, StageRecord(rid, order, seed, 0, "base", spec.model.name, scores, base_stab,
+                                                     timing={"eval_seconds": base_eval_seconds}))
                 self._stage_committed(exp_id, rid, 0, "base", scores, base_stab)
         self._maybe_finish(exp_id)
 
