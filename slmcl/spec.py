@@ -82,7 +82,7 @@ class TrainingSpec:
     max_grad_norm: float = 1.0
     max_examples: int | None = field(default=None, metadata={"help": "first N train rows per task"})
     tokens_per_forward: int = field(
-        default=4096,
+        default=1024,
         metadata={"help": "padded tokens merged into one forward; the loss weighting stays batch x accumulation"},
     )
 
