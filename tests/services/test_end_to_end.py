@@ -184,3 +184,27 @@ def test_trainer_crash_midrun_completes_with_one_row_per_stage(trio: Trio, tiny_
     assert len(keys) == len(set(keys)) == 4 * 3
     stab = _csv(out / "stability.csv")
     assert sorted(r["step"] for r in stab) == ["0", "1", "2", "3"]
+
+
+def test_experiment_survives_a_monitor_restart(trio: Trio, tiny_model_dir: Path, data_dir: Path,
+                                               tmp_path: Path) -> None:
+    spec = spec_from_dict(tiny_spec_dict(tiny_model_dir, data_dir, tmp_path / "x", tasks=["fomc", "scienceqa"],
+                                         training={"max_examples": 48, "grad_accum": 1, "batch_size": 1}))
+    client = MonitorClient(trio.monitor_address)
+    exp = client.submit(spec)
+    for ev in client.watch(exp.id):
+        if ev.kind == "train_step" and ev.step == 1:
+            break
+    client.close()
+    trio.kill("monitor")  # stage events published meanwhile wait, unacknowledged, in the consumer group
+    host, port = trio.monitor_address.split(":")
+    trio.procs["monitor"] = start_process(
+        ["-m", "monitor_service", "--host", host, "--port", port],
+        {**trio.env, "SLMCL_EVALUATORS": ",".join(trio.eval_addresses)}, trio.logs / "monitor-2.log")
+    wait_healthy(trio.monitor_address, trio.procs["monitor"])
+    client = MonitorClient(trio.monitor_address)
+    events = _watch_to_end(client, exp.id, trio, timeout=400)
+    assert events[-1].kind == "experiment_done", trio.tail()
+    out = client.results(exp.id, tmp_path / "r", include_checkpoints=False)
+    keys = [(r["step"], r["eval_task"]) for r in _csv(out / "scores.csv")]
+    assert len(keys) == len(set(keys)) == 3 * 2
