@@ -136,9 +136,13 @@ class EvaluatorCore:
                     get_dir(self.store, prefix, tmp)
                 except NotFoundError:
                     raise NotFoundError(f"checkpoint_prefix: no checkpoint in the store under {prefix}/") from None
-                if local.exists():
-                    shutil.rmtree(local)
-                os.rename(tmp, local)
+                # Replicas may share a work dir: the folder appears complete (atomic rename) or not at
+                # all, and a folder another process already placed is never removed under its reader.
+                try:
+                    os.rename(tmp, local)
+                except OSError:
+                    if not (local / "adapter_model.safetensors").is_file():
+                        raise
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
             log.info("fetched adapter %s", prefix)

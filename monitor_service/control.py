@@ -14,6 +14,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
+import shutil
+import tempfile
 import socket
 import threading
 import time
@@ -336,7 +339,14 @@ class Control:
         # Drift while the evaluators work: the adapter into the monitor's resident model.
         local = Path(self.settings.work_dir) / "adapters" / exp_id / ckpt
         if not (local / "adapter_model.safetensors").is_file():
-            get_dir(results, ckpt, local)
+            local.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(dir=local.parent, prefix=f".{local.name}-"))
+            try:  # complete or absent: a crash mid-download leaves no half adapter behind
+                get_dir(results, ckpt, tmp)
+                shutil.rmtree(local, ignore_errors=True)
+                os.rename(tmp, local)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
         with self._engine_lock:
             t_stab = time.perf_counter()
             engine = self.engine(spec)
