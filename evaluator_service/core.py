@@ -10,7 +10,6 @@ adapter swapped into the resident model in place.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import shutil
@@ -22,27 +21,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from service_common.datasets import localize
+from service_common.datasets import localize, parse_spec_json
 from service_common.settings import Settings
 from slmcl.errors import CancelledError, ModelError, NotFoundError, SpecError
 from slmcl.evaluation import TaskEvaluation
-from slmcl.spec import ExperimentSpec, TaskSpec, spec_from_dict
+from slmcl.spec import ExperimentSpec, TaskSpec
 from slmcl.store import ArtifactStore, get_dir
 
 log = logging.getLogger(__name__)
 
 MAX_RESIDENT_ENV = "SLMCL_EVAL_MAX_RESIDENT"
-
-
-def parse_spec_json(text: str) -> ExperimentSpec:
-    """The request's spec: JSON of a resolved spec; every error is a SpecError naming the field."""
-    try:
-        raw = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise SpecError(f"spec_json: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
-    if not isinstance(raw, dict):
-        raise SpecError(f"spec_json: expected a JSON object (a resolved spec), got {type(raw).__name__}")
-    return spec_from_dict(raw, check_files=False, source="in spec_json")
 
 
 def check_prefix(prefix: str) -> str:

@@ -34,7 +34,7 @@ from rq.serializers import JSONSerializer
 
 from monitor_service.evaluators import EvaluatorPool
 from service_common import keys
-from service_common.datasets import localize, map_paths, sha256_hex, spec_paths
+from service_common.datasets import localize, map_paths, parse_spec_json, sha256_hex, spec_paths
 from service_common.s3_store import PrefixedStore
 from service_common.settings import Settings
 from slmcl.data import load_examples
@@ -88,13 +88,7 @@ class Control:
             existing = self.redis.get(keys.request_key(client_request_id))
             if existing:
                 return existing.decode()
-        try:
-            raw = json.loads(spec_json)
-        except json.JSONDecodeError as exc:
-            raise SpecError(f"spec_json: not valid JSON ({exc.msg} at line {exc.lineno})") from None
-        if not isinstance(raw, dict):
-            raise SpecError("spec_json: expected a JSON object")
-        spec = spec_from_dict(raw, check_files=False)
+        spec = parse_spec_json(spec_json)
         by_path = {f.path: f for f in files}
         for f in files:
             if sha256_hex(f.content) != f.sha256:

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 import tempfile
 from pathlib import Path
 from typing import Callable
 
 from service_common.keys import STORE_PREFIX, dataset_key
-from slmcl.spec import ExperimentSpec
+from slmcl.errors import SpecError
+from slmcl.spec import ExperimentSpec, spec_from_dict
 from slmcl.store import ArtifactStore
 
 
@@ -58,4 +60,15 @@ def localize(spec: ExperimentSpec, store: ArtifactStore, work_dir: str | Path) -
     return map_paths(spec, fetch)
 
 
-__all__ = ["dataset_key", "localize", "map_paths", "sha256_hex", "spec_paths"]
+def parse_spec_json(text: str) -> ExperimentSpec:
+    """The request's spec: JSON of a resolved spec; every error is a SpecError naming the field."""
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SpecError(f"spec_json: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+    if not isinstance(raw, dict):
+        raise SpecError(f"spec_json: expected a JSON object (a resolved spec), got {type(raw).__name__}")
+    return spec_from_dict(raw, check_files=False, source="in spec_json")
+
+
+__all__ = ["dataset_key", "localize", "map_paths", "parse_spec_json", "sha256_hex", "spec_paths"]
