@@ -9,7 +9,7 @@ PIP := $(VENV)/bin/pip
 DATA_DIR ?= $(abspath ../shared/data/trace/llm-cl-500)
 export SLMCL_DATA_DIR ?= $(DATA_DIR)
 
-.PHONY: setup dev-setup proto demo test test-fast redis bench bench-gpu clean stack stack-status stack-stop
+.PHONY: setup dev-setup proto demo test test-fast redis bench bench-service bench-gpu clean stack stack-status stack-stop
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -54,6 +54,9 @@ test-fast: dev-setup         ## unit tests only
 
 bench: dev-setup             ## naive vs ours side by side on CPU (<= 15 min on 2 cores); writes bench/results/
 	$(PY) -m bench.run_bench --device cpu
+
+bench-service: dev-setup redis  ## the service rows: a run on the trio (overlap), 1 vs 2 evaluator replicas (~10 min)
+	$(PY) -m bench.run_bench --device cpu --rows run_service,scaling --tag service
 
 BENCH_SHAPES ?= smollm2-135m llama-3.2-1b
 bench-gpu: dev-setup         ## the same on a CUDA machine (bf16, random weights of real shapes); needs a CUDA build of torch

@@ -14,7 +14,7 @@ the work is done, never *what* is computed:
   distribution is read at the last position (``-1``, correct under left padding), not at
   ``attention_mask.sum() - 1`` as in the study's first release (that bug understated KL);
 * training: micro-batch 2 x gradient accumulation 8 through a ``DataLoader`` (rows tokenized
-  lazily in ``__getitem__``), right padding, gradient checkpointing on (plus
+  lazily in ``__getitem__``), PEFT's own ``torch.nn.Dropout``, right padding, gradient checkpointing on (plus
   ``enable_input_require_grads``), full logits and HF's own loss (mean over the micro-batch's
   target tokens) divided by 8, one backward per micro-batch, clip 1.0, AdamW re-created per
   stage, a leftover partial accumulation still steps;
@@ -277,8 +277,35 @@ class NaiveTrainResult:
 
 
 @contextlib.contextmanager
+def peft_dropout(model: Any) -> Iterator[None]:
+    """PEFT's own ``torch.nn.Dropout`` in every LoRA layer (slmcl installs ``LoraDropout``), put back after."""
+    from peft.tuners.lora import LoraLayer
+
+    from slmcl.dropout import LoraDropout
+
+    swapped = []
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            for name, drop in module.lora_dropout.items():
+                if isinstance(drop, LoraDropout):
+                    module.lora_dropout[name] = torch.nn.Dropout(drop.p)
+                    swapped.append((module, name, drop))
+    try:
+        yield
+    finally:
+        for module, name, drop in swapped:
+            module.lora_dropout[name] = drop
+
+
+@contextlib.contextmanager
 def naive_training_mode(model: Any, gradient_checkpointing: bool) -> Iterator[None]:
-    """The study's training switches, undone afterwards so the shared model is left as found."""
+    """The study's training switches (and PEFT's dropout), undone afterwards: the shared model is left as found."""
+    with peft_dropout(model), _study_switches(model, gradient_checkpointing):
+        yield
+
+
+@contextlib.contextmanager
+def _study_switches(model: Any, gradient_checkpointing: bool) -> Iterator[None]:
     base = _base(model)
     use_cache = base.config.use_cache
     base.config.use_cache = False

@@ -24,11 +24,9 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("evaluator_service")
 
-    threads = os.environ.get("SLMCL_TORCH_THREADS")
-    if threads:
-        import torch
+    from slmcl.runtime import configure_process
 
-        torch.set_num_threads(int(threads))
+    configure_process(threads=os.environ.get("SLMCL_TORCH_THREADS"))
 
     import slmcl.engine  # noqa: F401 - torch, transformers, peft: imported before SERVING, not on the first request
     from evaluator_service.server import EvaluatorServicer, replica_id

@@ -200,10 +200,14 @@ class EvaluatorCore:
                     raise ModelError(f"checkpoint {job.checkpoint_prefix}: does not fit the spec's model/LoRA ({first})") from None
                 self._loaded_adapter[key] = job.checkpoint_prefix
 
+            sent = (0, len(rows))  # the engine opens with (0, total) too: said once
+
             def progressed(done: int, total: int) -> None:
+                nonlocal sent
                 if cancelled.is_set():
                     raise CancelledError("the client cancelled the request")
-                if on_progress is not None:
+                if on_progress is not None and (done, total) != sent:
+                    sent = (done, total)
                     on_progress(done, total)
 
             ev = engine.evaluate(job.task, base=job.adapter_dir is None, examples=rows, on_progress=progressed)

@@ -20,10 +20,9 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=os.environ.get("SLMCL_LOG_LEVEL", "INFO").upper(), format="%(asctime)s monitor %(levelname)s %(name)s: %(message)s")
 
-    import torch
+    from slmcl.runtime import configure_process
 
-    if os.environ.get("SLMCL_TORCH_THREADS"):
-        torch.set_num_threads(int(os.environ["SLMCL_TORCH_THREADS"]))
+    configure_process(threads=os.environ.get("SLMCL_TORCH_THREADS"))
     from monitor_service.control import Control
     from monitor_service.evaluators import EvaluatorPool
     from monitor_service.server import MonitorServicer

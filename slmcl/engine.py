@@ -19,7 +19,7 @@ import torch
 from slmcl import modeling
 from slmcl.data import Example, file_sha256, load_examples
 from slmcl.errors import SpecError
-from slmcl.evaluation import TaskEvaluation, evaluate_task
+from slmcl.evaluation import TaskEvaluation, evaluate_tasks
 from slmcl.modeling import LoadedModel
 from slmcl.prompts import PromptRenderer
 from slmcl.spec import ExperimentSpec, TaskSpec
@@ -150,13 +150,28 @@ class Engine:
         on_progress: Callable[[int, int], None] | None = None,
     ) -> TaskEvaluation:
         rows = list(examples) if examples is not None else self.test_examples(task)
+        progress = None if on_progress is None else (lambda _task, done, total: on_progress(done, total))
+        return self._evaluate([(task, rows)], base=base, on_progress=progress)[0]
+
+    def evaluate_all(
+        self,
+        tasks: Sequence[TaskSpec] | None = None,
+        *,
+        base: bool = False,
+        on_progress: Callable[[str, int, int], None] | None = None,
+    ) -> list[TaskEvaluation]:
+        """A checkpoint on every task's test rows in one generation pass: small tasks share decode
+        batches, and the adapter is folded into the weights once (``on_progress(task, done, total)``)."""
+        work = [(t, self.test_examples(t)) for t in (self.spec.tasks if tasks is None else tasks)]
+        return self._evaluate(work, base=base, on_progress=on_progress)
+
+    def _evaluate(self, work: list[tuple[TaskSpec, list[Example]]], *, base: bool,
+                  on_progress: Callable[[str, int, int], None] | None) -> list[TaskEvaluation]:
         ev = self.spec.evaluation
-        ctx = self.base_model() if base else contextlib.nullcontext(self.model)
+        ctx = self.base_model() if base else modeling.merged_adapter(self.model)
         with ctx as model:
-            return evaluate_task(
-                model, self.loaded, self.renderer, task, rows,
-                max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size, on_progress=on_progress,
-            )
+            return evaluate_tasks(model, self.loaded, self.renderer, work, max_new_tokens=ev.max_new_tokens,
+                                  batch_size=ev.batch_size, on_progress=on_progress)
 
     def base_eval_key(self, task: TaskSpec) -> str:
         """What a base evaluation depends on: model, test bytes, task rendering, decoding settings."""
@@ -195,7 +210,7 @@ class Engine:
             self.forward_passes += n
 
         return last_position_logprobs(
-            model, ref.prompt_ids, pad_id=self.loaded.pad_token_id,
+            model, ref.prompt_ids, pad_id=self.loaded.pad_token_id, segments=[r.task_name for r in ref.rows],
             batch_size=self.spec.reference.batch_size, device=self.loaded.device, on_forward=counted,
         )
 
@@ -250,7 +265,8 @@ def adapter_drift(
     ids = reference_prompt_ids(loaded, renderer, rows, {})
 
     def logp(m: Any) -> torch.Tensor:
-        return last_position_logprobs(m, ids, pad_id=loaded.pad_token_id, batch_size=16, device=loaded.device)
+        return last_position_logprobs(m, ids, pad_id=loaded.pad_token_id, batch_size=16, device=loaded.device,
+                                      segments=[r.task_name for r in rows])
 
     if not adapter:
         return stability_summary(logp(loaded.model), None).as_dict()

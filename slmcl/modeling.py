@@ -9,6 +9,7 @@ version (a 5.x cache read by 4.x silently gets the wrong rope_theta).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -18,10 +19,11 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
+from slmcl.dropout import install_lora_dropout
 from slmcl.errors import ModelError
 from slmcl.spec import EMBEDDED_MODEL, LoraSpec, ModelSpec
 
@@ -237,6 +239,7 @@ def attach_lora(loaded: LoadedModel, lora: LoraSpec) -> Any:
         task_type="CAUSAL_LM",
     )
     peft_model = get_peft_model(loaded.model, config)
+    install_lora_dropout(peft_model)
     peft_model.eval()
     return peft_model
 
@@ -285,3 +288,44 @@ def save_adapter(peft_model: Any, out_dir: str | Path) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+@contextlib.contextmanager
+def merged_adapter(peft_model: Any) -> Iterator[Any]:
+    """The adapted model with each LoRA delta folded into a copy of its base weight.
+
+    Generation with the adapter unmerged pays two extra small matmuls (and their dispatch)
+    in every adapted linear layer at every decode step; folded in, a step is a plain base
+    forward (~10-15 % faster on a CPU). The base weights are never written: each adapted
+    layer gets a new merged tensor for the duration, and the original tensors are put back
+    afterwards, so the resident base stays bit-exact for p_0 and base evaluation (PEFT's
+    merge/unmerge would add and subtract the delta, leaving rounding residue). Costs a
+    transient copy of the adapted weights. Models with LoRA layers other than ``Linear``
+    are yielded unmerged.
+    """
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    layers = [m for m in peft_model.modules() if isinstance(m, LoraLayer)]
+    if not layers or any(type(m) is not LoraLinear or m.merged for m in layers):
+        yield peft_model
+        return
+    swapped: list[tuple[torch.nn.Module, torch.nn.Parameter]] = []
+    try:
+        with torch.no_grad():
+            for layer in layers:
+                active = [a for a in layer.active_adapters if a in layer.lora_A]
+                if not active:
+                    continue
+                base = layer.get_base_layer()
+                original = base.weight
+                merged = original.detach().clone()
+                for name in active:
+                    merged += layer.get_delta_weight(name).to(merged.dtype)
+                base.weight = torch.nn.Parameter(merged, requires_grad=False)
+                swapped.append((base, original))
+        with peft_model.disable_adapter():
+            yield peft_model
+    finally:
+        for base, original in swapped:
+            base.weight = original

@@ -19,6 +19,7 @@ class ProgressDisplay:
         self.overall: tqdm | None = None
         self.phase: tqdm | None = None
         self._phase_key: tuple[Any, ...] | None = None
+        self._eval_parts: dict[tuple[str, Any], tuple[int, int]] = {}
 
     def __enter__(self) -> "ProgressDisplay":
         return self
@@ -58,8 +59,10 @@ class ProgressDisplay:
             self.write(f"model {data['model']} on {data['device']} ({data['seconds']:.1f} s)")
         elif kind == "base_eval":
             self._close_phase()
-            self.write(f"base  {task:<12} accuracy {data['accuracy']:.3f} ({data['correct']}/{data['total']}, "
-                       f"{data['seconds']:.1f} s)")
+            together = data.get("evaluated_with") or [task]
+            timing = (f", {data['seconds']:.1f} s" + (f" for {len(together)} tasks" if len(together) > 1 else "")
+                      if task == together[-1] else "")
+            self.write(f"base  {task:<12} accuracy {data['accuracy']:.3f} ({data['correct']}/{data['total']}{timing})")
         elif kind == "run_started":
             self.write(f"run {rid}")
         elif kind == "train_step":
@@ -69,9 +72,15 @@ class ProgressDisplay:
             bar.set_postfix(loss=f"{data['loss']:.4f}", ex_s=f"{data['examples_per_s']:.1f}", refresh=False)
             bar.refresh()
         elif kind == "eval_progress":
-            label = f"eval  {task}" + (f" [{rid} stage {stage}]" if rid else " [base]")
-            bar = self._open_phase(("eval", rid, stage, task), label, data["total"], "ex")
-            bar.n = data["done"]
+            # One bar per checkpoint: its tasks (and shards) are evaluated together.
+            key = ("eval", rid, stage)
+            if self._phase_key != key:
+                self._eval_parts = {}
+            self._eval_parts[(task, data.get("shard"))] = (data["done"], data["total"])
+            bar = self._open_phase(key, "eval" + (f" [{rid} stage {stage}]" if rid else " [base]"), 0, "ex")
+            bar.total = sum(t for _, t in self._eval_parts.values())
+            bar.n = sum(d for d, _ in self._eval_parts.values())
+            bar.set_postfix_str(" ".join(dict.fromkeys(t for t, _ in self._eval_parts)), refresh=False)
             bar.refresh()
         elif kind == "stage_skipped":
             self.write(f"  stage {stage} ({task}) already done: skipped")

@@ -123,22 +123,27 @@ class ExperimentRunner:
     # -- base (stage 0), shared by all runs ------------------------------------------------
     def _base_scores(self) -> dict[str, dict[str, Any]]:
         """Base accuracy per task: evaluated once per (model, task data, decoding) and cached."""
-        scores = {}
+        scores: dict[str, dict[str, Any]] = {}
         engine = self.engine
+        keys = {t.name: f"cache/base-eval/{engine.base_eval_key(t)}.json" for t in self.spec.tasks}
+        missing = []
         for task in self.spec.tasks:
-            key = f"cache/base-eval/{engine.base_eval_key(task)}.json"
-            if self.store.exists(key):
-                scores[task.name] = json.loads(self.store.get_bytes(key))
-                continue
-            ev = engine.evaluate(task, base=True, on_progress=self._eval_progress("", 0, task.name))
-            write_predictions(self.store, predictions_key("base", 0, task.name), [p.as_dict() for p in ev.predictions])
-            scores[task.name] = {"accuracy": ev.accuracy, "correct": ev.correct, "total": ev.total}
-            self.store.put_bytes(key, json.dumps(scores[task.name]).encode())
-            self.progress(Event("base_eval", task=task.name, data={**scores[task.name], "seconds": ev.seconds}))
-        return scores
+            if self.store.exists(keys[task.name]):
+                scores[task.name] = json.loads(self.store.get_bytes(keys[task.name]))
+            else:
+                missing.append(task)
+        if missing:
+            evals = engine.evaluate_all(missing, base=True, on_progress=self._eval_progress("", 0))
+            for ev in evals:
+                write_predictions(self.store, predictions_key("base", 0, ev.task), [p.as_dict() for p in ev.predictions])
+                scores[ev.task] = {"accuracy": ev.accuracy, "correct": ev.correct, "total": ev.total}
+                self.store.put_bytes(keys[ev.task], json.dumps(scores[ev.task]).encode())
+                self.progress(Event("base_eval", task=ev.task, data={
+                    **scores[ev.task], "seconds": ev.seconds, "evaluated_with": [e.task for e in evals]}))
+        return {t.name: scores[t.name] for t in self.spec.tasks}
 
-    def _eval_progress(self, rid: str, stage: int, task: str) -> Callable[[int, int], None]:
-        def cb(done: int, total: int) -> None:
+    def _eval_progress(self, rid: str, stage: int) -> Callable[[str, int, int], None]:
+        def cb(task: str, done: int, total: int) -> None:
             self.progress(Event("eval_progress", rid, stage, task, {"done": done, "total": total}))
         return cb
 
@@ -189,12 +194,11 @@ class ExperimentRunner:
         engine.save_adapter(Path(spec.output_dir) / prefix)
         t_train = time.perf_counter() - t0
         scores: dict[str, dict[str, Any]] = {}
-        eval_seconds = 0.0
-        for t in spec.tasks:
-            ev = engine.evaluate(t, on_progress=self._eval_progress(rid, step, t.name))
-            write_predictions(self.store, predictions_key(rid, step, t.name), [p.as_dict() for p in ev.predictions])
-            scores[t.name] = {"accuracy": ev.accuracy, "correct": ev.correct, "total": ev.total}
-            eval_seconds += ev.seconds
+        t_eval = time.perf_counter()
+        for ev in engine.evaluate_all(on_progress=self._eval_progress(rid, step)):
+            write_predictions(self.store, predictions_key(rid, step, ev.task), [p.as_dict() for p in ev.predictions])
+            scores[ev.task] = {"accuracy": ev.accuracy, "correct": ev.correct, "total": ev.total}
+        eval_seconds = time.perf_counter() - t_eval
         t_stab = time.perf_counter()
         stab = engine.stability(self.store)
         timing = {"train_seconds": trained.seconds, "eval_seconds": eval_seconds,

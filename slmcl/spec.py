@@ -90,7 +90,9 @@ class TrainingSpec:
 @dataclass(frozen=True)
 class EvaluationSpec:
     max_new_tokens: int = 256
-    batch_size: int = 32
+    # Rows decoded together (all tasks of a checkpoint share batches). Per-token decode cost
+    # keeps falling with the batch on a CPU too (b=32: 5.5 ms/row/step, b=64: 4.5 on 2 cores).
+    batch_size: int = 64
     max_examples: int | None = field(default=None, metadata={"help": "first N test rows per task"})
 
 

@@ -1,7 +1,8 @@
 """Drift of a checkpoint's next-token distribution from the base, on a fixed reference set.
 
-For each reference row: render it exactly as for evaluation, one forward pass, the
-distribution at the row's *last* position (left padding puts it at index -1 for every
+For each reference row: render it exactly as for evaluation, one forward pass (the head a
+task's rows share is fed once for all of them, as in generation), the distribution at
+the row's *last* position (left padding puts it at index -1 for every
 row; reading ``attention_mask.sum() - 1`` there is the bug that understated KL 5-10x in
 the study's first release). KL(p_k || p_0), entropy and top-2 log-prob margin per row,
 summarized as mean / p10 / p95. The base distributions p_0 never change, so they are
@@ -18,13 +19,12 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from slmcl.batching import length_batches
 from slmcl.data import Example
+from slmcl.generation import last_position_logits
 from slmcl.modeling import LoadedModel
 from slmcl.prompts import PromptRenderer
 from slmcl.results import STAT_NAMES
 from slmcl.spec import BUILTIN_TASKS
-
 
 
 def reference_prompt_ids(
@@ -39,10 +39,6 @@ def reference_prompt_ids(
     return out
 
 
-PASS_OVERHEAD_TOKENS = 64  # what one more forward pass costs, in padded-token equivalents
-
-
-@torch.inference_mode()
 def last_position_logprobs(
     model: Any,
     prompts: Sequence[list[int]],
@@ -50,31 +46,17 @@ def last_position_logprobs(
     pad_id: int,
     batch_size: int,
     device: torch.device,
+    segments: Sequence[Any] | None = None,
     on_forward: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
     """log p(next token | row) at each row's last position, float32 on the CPU, input order.
 
-    Rows are batched by length (at most ``batch_size`` rows) so that little padding is computed.
+    Exactly one forward per row, batched by length; rows of one segment (a reference row's
+    task: same instruction, same rendered head) have that head fed once for all of them.
     """
-    out: list[torch.Tensor | None] = [None] * len(prompts)
-    lengths = [len(p) for p in prompts]
-    budget = batch_size * max(lengths, default=1)
-    for idx in length_batches(lengths, max_rows=batch_size, token_budget=budget, overhead=PASS_OVERHEAD_TOKENS):
-        width = max(len(prompts[i]) for i in idx)
-        ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for r, i in enumerate(idx):
-            ids[r, width - len(prompts[i]):] = torch.tensor(prompts[i])
-            mask[r, width - len(prompts[i]):] = 1
-        ids, mask = ids.to(device), mask.to(device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, logits_to_keep=1).logits
-        if on_forward is not None:
-            on_forward(len(idx))
-        logp = torch.log_softmax(logits[:, -1, :].float(), dim=-1).cpu()
-        for r, i in enumerate(idx):
-            out[i] = logp[r]
-    return torch.stack(out)  # type: ignore[arg-type]
+    logits = last_position_logits(model, prompts, pad_id=pad_id, batch_size=batch_size, device=device,
+                                  segments=segments, on_forward=on_forward)
+    return torch.log_softmax(torch.stack(logits).float(), dim=-1).cpu()
 
 
 def row_stats(logp: torch.Tensor, base_logp: torch.Tensor | None) -> dict[str, torch.Tensor]:

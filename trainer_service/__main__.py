@@ -35,11 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("trainer_service")
 
-    threads = os.environ.get("SLMCL_TORCH_THREADS")
-    if threads:
-        import torch
+    from slmcl.runtime import configure_process
 
-        torch.set_num_threads(int(threads))
+    configure_process(threads=os.environ.get("SLMCL_TORCH_THREADS"))
 
     import socket
 

@@ -26,7 +26,8 @@ import torch
 from bench import naive
 from slmcl.data import load_examples
 from slmcl.engine import Engine, stage_seed
-from slmcl.evaluation import greedy_generate, render_prompt_ids
+from slmcl.evaluation import render_prompt_ids
+from slmcl.generation import greedy_generate
 from slmcl.modeling import adapter_state, load_model
 from slmcl.spec import ModelSpec, spec_from_dict
 from slmcl.stability import last_position_logprobs

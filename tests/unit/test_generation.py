@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 import torch
 
-from slmcl.evaluation import Generation, evaluate_task, greedy_generate
+from slmcl.evaluation import evaluate_task
+from slmcl.generation import Generation, greedy_generate
 from slmcl.modeling import LoadedModel, load_model
 from slmcl.prompts import PromptRenderer
 from slmcl.spec import ChatSpec, ModelSpec, TaskSpec
@@ -74,6 +75,7 @@ class CountingModel:
 
     def __init__(self, model: Any) -> None:
         self.model = model
+        self.config = model.config  # what greedy_generate reads to pick its KV layout
         self.sizes: list[int] = []
         self.widths: list[int] = []
 
@@ -83,16 +85,18 @@ class CountingModel:
         return self.model(**kw)
 
 
+@pytest.mark.parametrize("slots", [True, False], ids=["kv-slots", "model-cache"])
 def test_matches_hf_generate_without_stops(loaded: LoadedModel, prompts: list[list[int]],
-                                           free_runs: list[list[int]]) -> None:
+                                           free_runs: list[list[int]], slots: bool) -> None:
     gens = greedy_generate(loaded.model, prompts, pad_id=loaded.pad_token_id, stop_ids=loaded.stop_token_ids,
-                           max_new_tokens=MAX_NEW, batch_size=3, device=CPU)
+                           max_new_tokens=MAX_NEW, batch_size=3, device=CPU, slots=slots)
     assert [g.token_ids for g in gens] == free_runs
     assert all(g.hit_max_tokens for g in gens)
 
 
+@pytest.mark.parametrize("slots", [True, False], ids=["kv-slots", "model-cache"])
 def test_matches_hf_generate_with_early_stops_and_prunes_finished_rows(
-    loaded: LoadedModel, prompts: list[list[int]], free_runs: list[list[int]]
+    loaded: LoadedModel, prompts: list[list[int]], free_runs: list[list[int]], slots: bool
 ) -> None:
     # Stop tokens taken from the model's own outputs: the 5-token prompt stops at once, the
     # 37-token prompt after 3 tokens (they also stop any other row that emits them).
@@ -111,14 +115,15 @@ def test_matches_hf_generate_with_early_stops_and_prunes_finished_rows(
     assert any(w.hit_max_tokens for w in want)
 
     counting = CountingModel(loaded.model)
-    batches: list[int] = []
+    batches: list[list[int]] = []
     gens = greedy_generate(counting, prompts, pad_id=loaded.pad_token_id, stop_ids=stop_ids,
-                           max_new_tokens=MAX_NEW, batch_size=3, device=CPU, on_batch=batches.append)
+                           max_new_tokens=MAX_NEW, batch_size=3, device=CPU, on_batch=batches.append, slots=slots)
     assert gens == want
-    assert batches == [3, 3]
+    assert [len(b) for b in batches] == [3, 3] and sorted(i for b in batches for i in b) == list(range(6))
 
     # Forward passes: a prefill of the whole batch, then one decode step per token with only
-    # the rows still alive (rows sorted by length, longest first).
+    # the rows still alive (rows sorted by length, longest first; in batches of 3, one
+    # finished row is already a quarter of the batch, so it leaves at once).
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
     sizes = []
     for start in range(0, len(order), 3):
@@ -143,11 +148,12 @@ def test_stop_on_the_last_allowed_token_is_not_hit_max(loaded: LoadedModel, prom
     assert gens == [Generation(run[:-1], hit_max_tokens=False)]
 
 
+@pytest.mark.parametrize("slots", [True, False], ids=["kv-slots", "model-cache"])
 @pytest.mark.parametrize("batch_size", [1, 2, 6])
 def test_batch_size_does_not_change_tokens(loaded: LoadedModel, prompts: list[list[int]],
-                                           free_runs: list[list[int]], batch_size: int) -> None:
+                                           free_runs: list[list[int]], batch_size: int, slots: bool) -> None:
     gens = greedy_generate(loaded.model, prompts, pad_id=loaded.pad_token_id, stop_ids=loaded.stop_token_ids,
-                           max_new_tokens=MAX_NEW, batch_size=batch_size, device=CPU)
+                           max_new_tokens=MAX_NEW, batch_size=batch_size, device=CPU, slots=slots)
     assert [g.token_ids for g in gens] == free_runs
 
 
@@ -170,7 +176,7 @@ def test_evaluate_task_reports_predictions(loaded: LoadedModel) -> None:
     ev = evaluate_task(loaded.model, loaded, renderer, task, rows, max_new_tokens=4, batch_size=2,
                        on_progress=lambda d, n: progress.append((d, n)))
     assert ev.total == 3 and [p.index for p in ev.predictions] == [0, 1, 2]
-    assert progress == [(2, 3), (3, 3)]
+    assert progress == [(0, 3), (2, 3), (3, 3)]
     assert all(p.gold_normalized == "A" for p in ev.predictions)
     assert ev.correct == sum(p.correct for p in ev.predictions)
     assert ev.new_tokens == sum(p.new_tokens for p in ev.predictions) <= 12
@@ -194,3 +200,78 @@ def test_shared_prefix_is_computed_once_and_changes_no_token(loaded: LoadedModel
     plain = greedy_generate(loaded.model, prompts, pad_id=loaded.pad_token_id, stop_ids=loaded.stop_token_ids,
                             max_new_tokens=MAX_NEW, batch_size=2, device=CPU, share_prefix=False)
     assert [g.token_ids for g in plain] == [g.token_ids for g in got]
+
+
+@pytest.mark.parametrize("share_prefix", [False, True])
+def test_chunked_prefill_into_one_decode_batch_changes_no_token(loaded: LoadedModel, share_prefix: bool) -> None:
+    """A small prefill budget splits one decode batch into chunks of different widths; each
+    chunk writes into its rows of the batch's KV slots (narrow chunks left-padded after the
+    shared head), and the batch decodes together."""
+    rng = random.Random(2)
+    head = [rng.randrange(20, 49152) for _ in range(20)]
+    tails = [[rng.randrange(20, 49152) for _ in range(n)] for n in (3, 19, 7, 1, 15, 11)]
+    prompts = [head + t for t in tails]
+    want = [hf_greedy(loaded, p, MAX_NEW, loaded.stop_token_ids)[:MAX_NEW] for p in prompts]
+    counting = CountingModel(loaded.model)
+    got = greedy_generate(counting, prompts, pad_id=loaded.pad_token_id, stop_ids=loaded.stop_token_ids,
+                          max_new_tokens=MAX_NEW, batch_size=6, device=CPU, share_prefix=share_prefix,
+                          prefill_tokens=40)
+    assert [g.token_ids for g in got] == want
+    widths = counting.widths[1:] if share_prefix else counting.widths
+    prefills = [w for w in widths if w > 1]
+    assert len(prefills) >= 3, f"expected several prefill chunks, got widths {widths}"
+    decode_sizes = [s for s, w in zip(counting.sizes, counting.widths) if w == 1]
+    assert decode_sizes[0] == 6, "the chunks should decode as one batch"
+
+
+def test_finished_rows_leave_the_batch_in_bulk(loaded: LoadedModel) -> None:
+    """In a batch of 8, rows finished one at a time stay (outputs ignored) until a quarter of
+    the batch has finished, then leave together; no token changes."""
+    rng = random.Random(3)
+    prompts = [[rng.randrange(20, 49152) for _ in range(10 + k)] for k in range(8)]
+    free = [hf_greedy(loaded, p, MAX_NEW, loaded.stop_token_ids) for p in prompts]
+    stop = {free[7][0], free[6][2]}  # the longest prompt stops at once, the next one after 2 tokens
+    stop_ids = sorted(set(loaded.stop_token_ids) | stop)
+    want = [expected(r, set(stop_ids)) for r in free]
+    counting = CountingModel(loaded.model)
+    got = greedy_generate(counting, prompts, pad_id=loaded.pad_token_id, stop_ids=stop_ids,
+                          max_new_tokens=MAX_NEW, batch_size=8, device=CPU)
+    assert got == want
+    finished_by = [sum(1 for w in want if not w.hit_max_tokens and len(w.token_ids) <= k) for k in range(MAX_NEW)]
+    assert finished_by[0] == 1 and finished_by[2] >= 2, finished_by
+    decode_sizes = [n for n, w in zip(counting.sizes, counting.widths) if w == 1]
+    assert decode_sizes[0] == 8, "a single finished row (1/8) stays in the batch"
+    assert min(decode_sizes) == 8 - finished_by[2] < 8, "once 2/8 finished, they leave together"
+
+
+def test_segments_with_their_own_heads_share_one_decode_batch(loaded: LoadedModel) -> None:
+    """Two tasks' prompts (different heads, as two tasks' instructions differ) in one call: each
+    head is fed once, the rows of both decode as one batch, and no token changes."""
+    rng = random.Random(4)
+    heads = [[rng.randrange(20, 49152) for _ in range(n)] for n in (18, 30)]
+    tails = [[rng.randrange(20, 49152) for _ in range(n)] for n in (4, 9, 2, 13, 6)]
+    prompts = [heads[0] + tails[0], heads[1] + tails[1], heads[0] + tails[2], heads[1] + tails[3],
+               heads[1] + tails[4]]
+    segments = [0, 1, 0, 1, 1]
+    want = [hf_greedy(loaded, p, MAX_NEW, loaded.stop_token_ids)[:MAX_NEW] for p in prompts]
+    counting = CountingModel(loaded.model)
+    got = greedy_generate(counting, prompts, pad_id=loaded.pad_token_id, stop_ids=loaded.stop_token_ids,
+                          max_new_tokens=MAX_NEW, batch_size=8, device=CPU, segments=segments)
+    assert [g.token_ids for g in got] == want
+    # one forward per head (its shared length: the head minus nothing, as tails differ at once)
+    assert counting.sizes[:2] == [1, 1] and sorted(counting.widths[:2]) == [18, 30]
+    prefill_widths = [w for w in counting.widths[2:] if w > 1]
+    assert max(prefill_widths) <= 13, "a prefill re-fed a head"
+    decode_sizes = [n for n, w in zip(counting.sizes[2:], counting.widths[2:]) if w == 1]
+    assert decode_sizes[0] == 5, "both segments' rows decode in one batch"
+
+
+def test_segment_order_keeps_a_sets_rows_together(loaded: LoadedModel) -> None:
+    """With more rows than a batch, batches are cut from each set's rows in turn (longest first)."""
+    rng = random.Random(5)
+    prompts = [[rng.randrange(20, 49152) for _ in range(5 + k)] for k in range(6)]
+    segments = [1, 0, 1, 0, 1, 0]
+    batches: list[list[int]] = []
+    greedy_generate(loaded.model, prompts, pad_id=loaded.pad_token_id, stop_ids=loaded.stop_token_ids,
+                    max_new_tokens=2, batch_size=3, device=CPU, segments=segments, on_batch=batches.append)
+    assert batches == [[4, 2, 0], [5, 3, 1]]
