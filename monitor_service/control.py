@@ -259,9 +259,7 @@ class Control:
         results = PrefixedStore(self.store, keys.experiment_prefix(exp_id))
         scores: dict[str, dict[str, Any]] = {}
         with self._engine_lock:
-            engine = self.engine(spec)
-            eval_keys = {t.name: engine.base_eval_key(t) for t in spec.tasks}
-            base_stab = engine.stability(self.store, base=True).as_dict()
+            eval_keys = {t.name: self.engine(spec).base_eval_key(t) for t in spec.tasks}
         futures = {}
         for task in spec.tasks:
             cache_key = f"cache/base-eval/{eval_keys[task.name]}.json"
@@ -271,6 +269,8 @@ class Control:
                 write_predictions(results, predictions_key("base", 0, task.name), cached["predictions"])
                 continue
             futures[task.name] = self._stages.submit(self._evaluate_task, exp_id, "", task.name, "", 0)
+        with self._engine_lock:  # p_0 while the evaluators work (a first experiment: nothing cached yet)
+            base_stab = self.engine(spec).stability(self.store, base=True).as_dict()
         base_eval_seconds = 0.0
         for name, fut in futures.items():
             score, preds, seconds = fut.result()
