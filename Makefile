@@ -55,7 +55,7 @@ test-fast: dev-setup         ## unit tests only
 bench: dev-setup             ## naive vs ours side by side on CPU (<= 15 min on 2 cores); writes bench/results/
 	$(PY) -m bench.run_bench --device cpu
 
-bench-service: dev-setup redis  ## the service rows: a run on the trio (overlap), 1 vs 2 evaluator replicas (~10 min)
+bench-service: dev-setup redis  ## the service rows: a run on the trio (overlap), 1 vs 2 evaluator replicas (~7 min)
 	$(PY) -m bench.run_bench --device cpu --rows run_service,scaling --tag service
 
 BENCH_SHAPES ?= smollm2-135m llama-3.2-1b
