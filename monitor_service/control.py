@@ -76,6 +76,9 @@ class Control:
         self.queue = Queue(settings.queue, connection=r, serializer=JSONSerializer)
         self._engines: dict[str, Engine] = {}
         self._engine_lock = threading.Lock()
+        # Stages commit on several threads; reading the records and writing the tables from them
+        # must be one step, or a stale reader overwrites the final tables after experiment_done.
+        self._tables_lock = threading.Lock()
         self._specs: dict[str, ExperimentSpec] = {}
         self._stop = threading.Event()
         self._stages = ThreadPoolExecutor(max_workers=4, thread_name_prefix="stage")
@@ -372,12 +375,13 @@ class Control:
     def _maybe_finish(self, exp_id: str) -> None:
         spec = self.spec(exp_id)
         results = PrefixedStore(self.store, keys.experiment_prefix(exp_id))
-        records = read_stages(results)
         expected = sum(len(o) + 1 for o in spec.orders) * len(spec.seeds)
-        write_tables(results, records)
-        if len(records) >= expected and self.state(exp_id) == "running":
-            self._set_state(exp_id, "succeeded")
-            self.event(exp_id, "experiment_done")
+        with self._tables_lock:
+            records = read_stages(results)
+            write_tables(results, records)
+            if len(records) >= expected and self.state(exp_id) == "running":
+                self._set_state(exp_id, "succeeded")
+                self.event(exp_id, "experiment_done")
 
     def _fail(self, exp_id: str, message: str) -> None:
         if self.state(exp_id) in TERMINAL:
