@@ -19,7 +19,7 @@ import torch
 from slmcl import modeling
 from slmcl.data import Example, file_sha256, load_examples
 from slmcl.errors import SpecError
-from slmcl.evaluation import TaskEvaluation, evaluate_tasks
+from slmcl.evaluation import TaskEvaluation, evaluate_tasks, one_task_progress
 from slmcl.modeling import LoadedModel
 from slmcl.prompts import PromptRenderer
 from slmcl.spec import ExperimentSpec, TaskSpec
@@ -150,8 +150,7 @@ class Engine:
         on_progress: Callable[[int, int], None] | None = None,
     ) -> TaskEvaluation:
         rows = list(examples) if examples is not None else self.test_examples(task)
-        progress = None if on_progress is None else (lambda _task, done, total: on_progress(done, total))
-        return self._evaluate([(task, rows)], base=base, on_progress=progress)[0]
+        return self._evaluate([(task, rows)], base=base, on_progress=one_task_progress(on_progress))[0]
 
     def evaluate_all(
         self,

@@ -44,6 +44,15 @@ class TaskEvaluation:
     def accuracy(self) -> float:
         return self.correct / self.total if self.total else float("nan")
 
+    def score(self) -> dict[str, Any]:
+        """What a stage record keeps of it (the predictions go to their own file)."""
+        return {"accuracy": self.accuracy, "correct": self.correct, "total": self.total}
+
+
+def one_task_progress(on_progress: Callable[[int, int], None] | None) -> Callable[[str, int, int], None] | None:
+    """A one-task ``on_progress(done, total)`` as the ``(task, done, total)`` callback of ``evaluate_tasks``."""
+    return None if on_progress is None else (lambda _task, done, total: on_progress(done, total))
+
 
 def render_prompt_ids(loaded: LoadedModel, renderer: PromptRenderer, task: TaskSpec, examples: Sequence[Example]) -> list[list[int]]:
     return [
@@ -116,6 +125,5 @@ def evaluate_task(
     on_progress: Callable[[int, int], None] | None = None,
 ) -> TaskEvaluation:
     """Accuracy and per-example predictions of ``model`` (base or adapted) on one task's test rows."""
-    progress = None if on_progress is None else (lambda _task, done, total: on_progress(done, total))
     return evaluate_tasks(model, loaded, renderer, [(task, examples)], max_new_tokens=max_new_tokens,
-                          batch_size=batch_size, on_progress=progress)[0]
+                          batch_size=batch_size, on_progress=one_task_progress(on_progress))[0]

@@ -12,7 +12,7 @@ gives the same tokens as the row alone. The stability pass uses the same prefill
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -240,6 +240,35 @@ def default_prefill_tokens(device: torch.device) -> int:
     return PREFILL_TOKENS if device.type == "cpu" else PREFILL_TOKENS_ACCELERATOR
 
 
+def _prefilled_batches(
+    model: Any, prompts: Sequence[list[int]], *, pad_id: int, batch_size: int, device: torch.device,
+    segments: Sequence[Any] | None, share_prefix: bool, prefill_tokens: int | None, slots: bool | None,
+    decode_capacity: int = 0, on_forward: Callable[[int], None] | None = None,
+) -> Iterator[tuple[list[int], list[int], _SlotBatch | _CacheBatch]]:
+    """Each batch of prompts, prefilled: (its prompt indices, the prompt of each batch row, the batch).
+
+    Generation and stability share this: segments' heads fed once, rows grouped by
+    ``_groups``, each batch's tails prefilled into KV slots (room for ``decode_capacity``
+    more tokens), or, where slots do not apply, into the model's own cache in one pass.
+    """
+    segs, groups = _groups(prompts, segments, batch_size)
+    budget = prefill_tokens or default_prefill_tokens(device)
+    kv, heads = None, {}
+    if supports_slots(model) if slots is None else slots:
+        heads = _heads(model, prompts, segs, share_prefix, device)
+        kv = KVSlots(num_layers(model), rows=max(len(g) for g in groups),
+                     capacity=max(len(p) for p in prompts) + decode_capacity, device=device)
+    for group in groups:
+        if kv is not None:
+            chunks, members = _slot_chunks(group, prompts, segs, heads, budget)
+            yield group, members, _SlotBatch(model, kv, chunks, pad_id=pad_id, device=device, on_forward=on_forward)
+        else:
+            batch = _CacheBatch(model, [prompts[i] for i in group], pad_id=pad_id, device=device)
+            if on_forward is not None:
+                on_forward(len(group))
+            yield group, list(group), batch
+
+
 @torch.inference_mode()
 def greedy_generate(
     model: Any,
@@ -272,23 +301,11 @@ def greedy_generate(
     """
     if not prompts:
         return []
-    segs, groups = _groups(prompts, segments, batch_size)
-    budget = prefill_tokens or default_prefill_tokens(device)
     results: list[Generation | None] = [None] * len(prompts)
     stop = torch.tensor(list(stop_ids), device=device)
-    kv, heads = None, {}
-    if supports_slots(model) if slots is None else slots:
-        heads = _heads(model, prompts, segs, share_prefix, device)
-        kv = KVSlots(num_layers(model), rows=max(len(g) for g in groups),
-                     capacity=max(len(p) for p in prompts) + max_new_tokens, device=device)
-    for group in groups:
-        batch: _SlotBatch | _CacheBatch
-        if kv is not None:
-            chunks, members = _slot_chunks(group, prompts, segs, heads, budget)
-            batch = _SlotBatch(model, kv, chunks, pad_id=pad_id, device=device)
-        else:
-            members = list(group)
-            batch = _CacheBatch(model, [prompts[i] for i in group], pad_id=pad_id, device=device)
+    for group, members, batch in _prefilled_batches(
+            model, prompts, pad_id=pad_id, batch_size=batch_size, device=device, segments=segments,
+            share_prefix=share_prefix, prefill_tokens=prefill_tokens, slots=slots, decode_capacity=max_new_tokens):
         _decode(batch, members, max_new_tokens=max_new_tokens, stop=stop, results=results)
         if on_batch is not None:
             on_batch(list(group))
@@ -317,23 +334,10 @@ def last_position_logits(
     """
     if not prompts:
         return []
-    segs, groups = _groups(prompts, segments, batch_size)
-    budget = prefill_tokens or default_prefill_tokens(device)
     out: list[torch.Tensor | None] = [None] * len(prompts)
-    use_slots = supports_slots(model) if slots is None else slots
-    heads = _heads(model, prompts, segs, share_prefix, device) if use_slots else {}
-    kv = KVSlots(num_layers(model), rows=max(len(g) for g in groups), capacity=max(len(p) for p in prompts),
-                 device=device) if use_slots else None
-    for group in groups:
-        batch: _SlotBatch | _CacheBatch
-        if kv is not None:
-            chunks, members = _slot_chunks(group, prompts, segs, heads, budget)
-            batch = _SlotBatch(model, kv, chunks, pad_id=pad_id, device=device, on_forward=on_forward)
-        else:
-            members = list(group)
-            batch = _CacheBatch(model, [prompts[i] for i in group], pad_id=pad_id, device=device)
-            if on_forward is not None:
-                on_forward(len(group))
+    for _group, members, batch in _prefilled_batches(
+            model, prompts, pad_id=pad_id, batch_size=batch_size, device=device, segments=segments,
+            share_prefix=share_prefix, prefill_tokens=prefill_tokens, slots=slots, on_forward=on_forward):
         for r, i in enumerate(members):
             out[i] = batch.last_logits[r]
     return out  # type: ignore[return-value]

@@ -136,7 +136,7 @@ class ExperimentRunner:
             evals = engine.evaluate_all(missing, base=True, on_progress=self._eval_progress("", 0))
             for ev in evals:
                 write_predictions(self.store, predictions_key("base", 0, ev.task), [p.as_dict() for p in ev.predictions])
-                scores[ev.task] = {"accuracy": ev.accuracy, "correct": ev.correct, "total": ev.total}
+                scores[ev.task] = ev.score()
                 self.store.put_bytes(keys[ev.task], json.dumps(scores[ev.task]).encode())
                 self.progress(Event("base_eval", task=ev.task, data={
                     **scores[ev.task], "seconds": ev.seconds, "evaluated_with": [e.task for e in evals]}))
@@ -197,7 +197,7 @@ class ExperimentRunner:
         t_eval = time.perf_counter()
         for ev in engine.evaluate_all(on_progress=self._eval_progress(rid, step)):
             write_predictions(self.store, predictions_key(rid, step, ev.task), [p.as_dict() for p in ev.predictions])
-            scores[ev.task] = {"accuracy": ev.accuracy, "correct": ev.correct, "total": ev.total}
+            scores[ev.task] = ev.score()
         eval_seconds = time.perf_counter() - t_eval
         t_stab = time.perf_counter()
         stab = engine.stability(self.store)
