@@ -36,13 +36,13 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
-from slmcl.answers import is_correct
-from slmcl.data import Example, load_examples
-from slmcl.evaluation import Prediction, TaskEvaluation
-from slmcl.modeling import LoadedModel, reset_lora
-from slmcl.prompts import PromptRenderer
-from slmcl.spec import BUILTIN_TASKS, TaskSpec, TrainingSpec
-from slmcl.training import IGNORE, build_sft_example
+from slmcl.tasks.answers import is_correct
+from slmcl.tasks.data import Example, load_examples
+from slmcl.inference.evaluation import Prediction, TaskEvaluation
+from slmcl.models.loading import LoadedModel, reset_lora
+from slmcl.tasks.prompts import PromptRenderer
+from slmcl.config.spec import BUILTIN_TASKS, TaskSpec, TrainingSpec
+from slmcl.training.loop import IGNORE, build_sft_example
 
 NAIVE_EVAL_BATCH = 4
 NAIVE_REFERENCE_BATCH = 4
@@ -281,7 +281,7 @@ def peft_dropout(model: Any) -> Iterator[None]:
     """PEFT's own ``torch.nn.Dropout`` in every LoRA layer (slmcl installs ``LoraDropout``), put back after."""
     from peft.tuners.lora import LoraLayer
 
-    from slmcl.dropout import LoraDropout
+    from slmcl.training.dropout import LoraDropout
 
     swapped = []
     for module in model.modules():
@@ -407,7 +407,7 @@ def naive_run(
     model: Any,
     loaded: LoadedModel,
     renderer: PromptRenderer,
-    spec: Any,  # slmcl.spec.ExperimentSpec: tasks, training/evaluation/reference settings and subsets
+    spec: Any,  # slmcl.config.spec.ExperimentSpec: tasks, training/evaluation/reference settings and subsets
     order: Sequence[str],
     seed: int,
     out_dir: str | Path,

@@ -44,12 +44,12 @@ from typing import Any, Callable
 import torch
 
 from bench import naive
-from slmcl import modeling
-from slmcl.data import load_examples
-from slmcl.engine import Engine, stage_seed
-from slmcl.runner import ExperimentRunner
-from slmcl.runtime import keep_freed_memory
-from slmcl.spec import EMBEDDED_MODEL, ExperimentSpec, ModelSpec, spec_from_dict
+from slmcl.models import loading as modeling
+from slmcl.tasks.data import load_examples
+from slmcl.models.engine import Engine, stage_seed
+from slmcl.protocol.embedded import ExperimentRunner
+from slmcl.models.runtime import keep_freed_memory
+from slmcl.config.spec import EMBEDDED_MODEL, ExperimentSpec, ModelSpec, spec_from_dict
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "trace" / "llm-cl-500"

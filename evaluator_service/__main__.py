@@ -24,11 +24,11 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("evaluator_service")
 
-    from slmcl.runtime import configure_process
+    from slmcl.models.runtime import configure_process
 
     configure_process(threads=os.environ.get("SLMCL_TORCH_THREADS"))
 
-    import slmcl.engine  # noqa: F401 - torch, transformers, peft: imported before SERVING, not on the first request
+    import slmcl.models.engine  # noqa: F401 - torch, transformers, peft: imported before SERVING, not on the first request
     from evaluator_service.server import EvaluatorServicer, replica_id
     from slmcl.errors import SlmclError
     from slmcl_api.v1 import evaluator_pb2, evaluator_pb2_grpc
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     servicer = EvaluatorServicer.create(settings, store, replica_id(args.port))
     if args.preload_spec:
-        from slmcl.spec import load_spec
+        from slmcl.config.spec import load_spec
 
         try:
             servicer.core.preload(load_spec(args.preload_spec, check_files=False))

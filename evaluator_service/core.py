@@ -24,9 +24,9 @@ from typing import Callable
 from service_common.datasets import localize, parse_spec_json
 from service_common.settings import Settings
 from slmcl.errors import CancelledError, ModelError, NotFoundError, SpecError
-from slmcl.evaluation import TaskEvaluation
-from slmcl.spec import ExperimentSpec, TaskSpec
-from slmcl.store import ArtifactStore, get_dir
+from slmcl.inference.evaluation import TaskEvaluation
+from slmcl.config.spec import ExperimentSpec, TaskSpec
+from slmcl.storage.local import ArtifactStore, get_dir
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ class EvaluatorCore:
 
     # -- compute (under the lock) ----------------------------------------------------------
     def engine_for(self, spec: ExperimentSpec):  # type: ignore[no-untyped-def]
-        from slmcl.engine import Engine
+        from slmcl.models.engine import Engine
 
         key = Engine.resident_key(spec)
         with self._state:
@@ -233,7 +233,7 @@ class EvaluatorCore:
     def device(self) -> str:
         import torch
 
-        from slmcl.modeling import resolve_device
+        from slmcl.models.loading import resolve_device
 
         with self._state:
             devices = [e.loaded.device for e in self._engines.values()]  # type: ignore[attr-defined]

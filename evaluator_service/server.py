@@ -19,7 +19,7 @@ import grpc
 from evaluator_service.core import EvaluatorCore, JobResult
 from service_common.grpc_server import rpc, rpc_stream
 from service_common.settings import Settings
-from slmcl.store import ArtifactStore
+from slmcl.storage.local import ArtifactStore
 from slmcl_api.v1 import common_pb2, evaluator_pb2, evaluator_pb2_grpc
 
 log = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=os.environ.get("SLMCL_LOG_LEVEL", "INFO").upper(), format="%(asctime)s monitor %(levelname)s %(name)s: %(message)s")
 
-    from slmcl.runtime import configure_process
+    from slmcl.models.runtime import configure_process
 
     configure_process(threads=os.environ.get("SLMCL_TORCH_THREADS"))
     from monitor_service.control import Control
@@ -29,7 +29,7 @@ def main() -> None:
     from service_common.grpc_server import make_server, serve
     from service_common.s3_store import S3Store
     from service_common.settings import Settings
-    from slmcl.modeling import quiet_transformers
+    from slmcl.models.loading import quiet_transformers
     from slmcl_api.v1 import monitor_pb2, monitor_pb2_grpc
 
     quiet_transformers()

@@ -37,10 +37,10 @@ from service_common import keys
 from service_common.datasets import localize, map_paths, parse_spec_json, sha256_hex, spec_paths
 from service_common.s3_store import PrefixedStore
 from service_common.settings import Settings
-from slmcl.data import load_examples
-from slmcl.engine import Engine
+from slmcl.tasks.data import load_examples
+from slmcl.models.engine import Engine
 from slmcl.errors import DataError, NotFoundError, SpecError
-from slmcl.results import (
+from slmcl.protocol.results import (
     StageRecord,
     checkpoint_prefix,
     predictions_key,
@@ -51,8 +51,8 @@ from slmcl.results import (
     write_stage,
     write_tables,
 )
-from slmcl.spec import ExperimentSpec, spec_from_dict
-from slmcl.store import ArtifactStore, get_dir
+from slmcl.config.spec import ExperimentSpec, spec_from_dict
+from slmcl.storage.local import ArtifactStore, get_dir
 from slmcl_api.v1 import evaluator_pb2
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ from service_common import keys
 from service_common.grpc_server import rpc, rpc_stream
 from service_common.s3_store import PrefixedStore
 from slmcl.errors import NotFoundError
-from slmcl.results import checkpoint_prefix
+from slmcl.protocol.results import checkpoint_prefix
 from slmcl_api.v1 import common_pb2, monitor_pb2, monitor_pb2_grpc
 
 CHUNK = 1 << 20

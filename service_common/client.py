@@ -12,7 +12,7 @@ import grpc
 
 from service_common.datasets import sha256_hex, spec_paths
 from service_common.grpc_server import channel
-from slmcl.spec import ExperimentSpec
+from slmcl.config.spec import ExperimentSpec
 from slmcl_api.v1 import monitor_pb2, monitor_pb2_grpc
 
 SERVER_ENV = "SLMCL_SERVER"

@@ -1,6 +1,6 @@
 """``slmcl submit | watch | list | status | cancel | results | pull``: the service client commands.
 
-Registered by ``slmcl.cli``; grpc is imported only when one of them runs. The server
+Registered by ``slmcl.cli.main``; grpc is imported only when one of them runs. The server
 address comes from ``--server`` or ``$SLMCL_SERVER`` (default 127.0.0.1:50051).
 """
 
@@ -45,7 +45,7 @@ def _grpc_errors(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.
 
 @_grpc_errors
 def cmd_submit(args: argparse.Namespace) -> int:
-    from slmcl.spec import load_spec
+    from slmcl.config.spec import load_spec
 
     spec = load_spec(args.spec)
     exp = _client(args).submit(spec, args.request_id)
@@ -59,7 +59,7 @@ def _when(ts: float) -> str:
 
 @_grpc_errors
 def cmd_list(args: argparse.Namespace) -> int:
-    from slmcl.cli import format_table
+    from slmcl.cli.main import format_table
 
     rows = []
     for e in _client(args).list():
@@ -72,7 +72,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 @_grpc_errors
 def cmd_status(args: argparse.Namespace) -> int:
-    from slmcl.cli import format_table
+    from slmcl.cli.main import format_table
 
     e = _client(args).get(args.id)
     if args.json:
@@ -98,7 +98,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 @_grpc_errors
 def cmd_results(args: argparse.Namespace) -> int:
-    from slmcl.cli import render_results
+    from slmcl.cli.main import render_results
 
     out = _client(args).results(args.id, args.out, include_checkpoints=not args.no_checkpoints)
     print(render_results(out))

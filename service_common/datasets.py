@@ -17,8 +17,8 @@ from typing import Callable
 
 from service_common.keys import STORE_PREFIX, dataset_key
 from slmcl.errors import SpecError
-from slmcl.spec import ExperimentSpec, spec_from_dict
-from slmcl.store import ArtifactStore
+from slmcl.config.spec import ExperimentSpec, spec_from_dict
+from slmcl.storage.local import ArtifactStore
 
 
 def spec_paths(spec: ExperimentSpec) -> list[tuple[str, str]]:

@@ -1,4 +1,4 @@
-"""``slmcl.store.ArtifactStore`` over an S3-compatible server (MinIO in compose, SeaweedFS locally)."""
+"""``slmcl.storage.local.ArtifactStore`` over an S3-compatible server (MinIO in compose, SeaweedFS locally)."""
 
 from __future__ import annotations
 

@@ -14,11 +14,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from slmcl.errors import DataError, ModelError, NotFoundError, SlmclError, SpecError, TrainingError
-from slmcl.spec import ExperimentSpec, load_spec, spec_from_dict
+from slmcl.config.spec import ExperimentSpec, load_spec, spec_from_dict
 
 if TYPE_CHECKING:
-    from slmcl.results import Results
-    from slmcl.runner import Event
+    from slmcl.protocol.results import Results
+    from slmcl.protocol.embedded import Event
 
 __version__ = "0.1.0"
 
@@ -30,13 +30,13 @@ __all__ = [
 
 def run_experiment(spec: ExperimentSpec, progress: "Any" = None) -> Any:
     """Run or resume ``spec`` in this process; ``progress`` receives each ``Event``."""
-    from slmcl.runner import run_experiment as _run
+    from slmcl.protocol.embedded import run_experiment as _run
 
     return _run(spec, progress)
 
 
 def read_results(path: Any) -> "Results":
     """Read a results directory (written by ``slmcl run`` or ``slmcl results``)."""
-    from slmcl.results import read_results as _read
+    from slmcl.protocol.results import read_results as _read
 
     return _read(path)

@@ -26,7 +26,7 @@ def data_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def embedded_dir() -> Path:
-    from slmcl.modeling import embedded_model_dir
+    from slmcl.models.loading import embedded_model_dir
 
     return embedded_model_dir()
 

@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("trainer_service")
 
-    from slmcl.runtime import configure_process
+    from slmcl.models.runtime import configure_process
 
     configure_process(threads=os.environ.get("SLMCL_TORCH_THREADS"))
 

@@ -10,7 +10,7 @@ from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
 from service_common import keys
-from slmcl.results import run_id
+from slmcl.protocol.results import run_id
 
 TRAIN_FUNC = "trainer_service.jobs.train_run"
 JOB_TIMEOUT = 24 * 3600

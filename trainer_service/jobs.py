@@ -36,12 +36,12 @@ from service_common import keys
 from service_common.datasets import localize
 from service_common.s3_store import S3Store
 from service_common.settings import Settings
-from slmcl.engine import Engine
+from slmcl.models.engine import Engine
 from slmcl.errors import CancelledError, SlmclError
-from slmcl.results import checkpoint_prefix
-from slmcl.results import run_id as make_run_id
-from slmcl.spec import ExperimentSpec, spec_from_dict
-from slmcl.store import ArtifactStore, get_dir, put_dir
+from slmcl.protocol.results import checkpoint_prefix
+from slmcl.protocol.results import run_id as make_run_id
+from slmcl.config.spec import ExperimentSpec, spec_from_dict
+from slmcl.storage.local import ArtifactStore, get_dir, put_dir
 
 log = logging.getLogger("trainer_service")
 

@@ -16,11 +16,11 @@ import pytest
 import yaml
 
 from slmcl.errors import CancelledError
-from slmcl.runner import ExperimentRunner
-from slmcl.spec import spec_from_dict
+from slmcl.protocol.embedded import ExperimentRunner
+from slmcl.config.spec import spec_from_dict
 from tests.conftest import REPO, tiny_spec_dict
 
-SLMCL = [sys.executable, "-m", "slmcl.cli"]
+SLMCL = [sys.executable, "-m", "slmcl.cli.main"]
 
 
 def _csv(path: Path) -> list[dict[str, str]]:

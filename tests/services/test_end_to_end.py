@@ -16,8 +16,8 @@ import pytest
 
 from service_common.client import MonitorClient
 from service_common.local_servers import free_port, stop_pid
-from slmcl.runner import ExperimentRunner
-from slmcl.spec import spec_from_dict
+from slmcl.protocol.embedded import ExperimentRunner
+from slmcl.config.spec import spec_from_dict
 from slmcl_api.v1 import evaluator_pb2, evaluator_pb2_grpc, monitor_pb2
 from tests.conftest import tiny_spec_dict
 from tests.services.conftest import start_process, wait_healthy

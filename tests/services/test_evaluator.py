@@ -27,10 +27,10 @@ from service_common.keys import STORE_PREFIX, dataset_key
 from service_common.local_servers import free_port, stop_pid
 from service_common.s3_store import S3Store
 from service_common.settings import Settings
-from slmcl.engine import Engine
-from slmcl.evaluation import Prediction, TaskEvaluation
-from slmcl.spec import ExperimentSpec, spec_from_dict
-from slmcl.store import put_dir
+from slmcl.models.engine import Engine
+from slmcl.inference.evaluation import Prediction, TaskEvaluation
+from slmcl.config.spec import ExperimentSpec, spec_from_dict
+from slmcl.storage.local import put_dir
 from slmcl_api.v1 import evaluator_pb2, evaluator_pb2_grpc
 from tests.conftest import REPO, tiny_spec_dict
 

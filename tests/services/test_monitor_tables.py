@@ -13,8 +13,8 @@ import redis
 from monitor_service import control as control_module
 from monitor_service.control import Control
 from service_common.settings import Settings
-from slmcl.spec import spec_from_dict
-from slmcl.store import LocalStore
+from slmcl.config.spec import spec_from_dict
+from slmcl.storage.local import LocalStore
 from tests.conftest import tiny_spec_dict
 
 

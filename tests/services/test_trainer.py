@@ -29,10 +29,10 @@ from service_common.datasets import map_paths, sha256_hex
 from service_common.local_servers import stop_pid
 from service_common.s3_store import S3Store
 from service_common.settings import Settings
-from slmcl.results import checkpoint_prefix, run_id
-from slmcl.runner import ExperimentRunner
-from slmcl.spec import ExperimentSpec, spec_from_dict
-from slmcl.store import get_dir
+from slmcl.protocol.results import checkpoint_prefix, run_id
+from slmcl.protocol.embedded import ExperimentRunner
+from slmcl.config.spec import ExperimentSpec, spec_from_dict
+from slmcl.storage.local import get_dir
 from tests.conftest import REPO, tiny_spec_dict
 from trainer_service.enqueue import enqueue_run
 
@@ -337,8 +337,8 @@ def test_non_finite_loss_fails_the_run_without_publishing_and_the_worker_goes_on
     the same worker process then trains another run on its resident model, loaded once."""
     import torch
 
-    from slmcl.engine import Engine
-    from slmcl.store import put_dir
+    from slmcl.models.engine import Engine
+    from slmcl.storage.local import put_dir
 
     exp = "exp-nan"
     spec = ctx.put_experiment(exp, tiny_spec_dict(tiny_model_dir, data_dir, ctx.tmp / "unused"))

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import pytest
 
-from slmcl.answers import (
+from slmcl.tasks.answers import (
     ANSWER_KINDS,
     END_MARKERS,
     clean_output,

@@ -24,13 +24,13 @@ import pytest
 import torch
 
 from bench import naive
-from slmcl.data import load_examples
-from slmcl.engine import Engine, stage_seed
-from slmcl.evaluation import render_prompt_ids
-from slmcl.generation import greedy_generate
-from slmcl.modeling import adapter_state, load_model
-from slmcl.spec import ModelSpec, spec_from_dict
-from slmcl.stability import last_position_logprobs
+from slmcl.tasks.data import load_examples
+from slmcl.models.engine import Engine, stage_seed
+from slmcl.inference.evaluation import render_prompt_ids
+from slmcl.inference.generation import greedy_generate
+from slmcl.models.loading import adapter_state, load_model
+from slmcl.config.spec import ModelSpec, spec_from_dict
+from slmcl.inference.stability import last_position_logprobs
 from tests.conftest import tiny_spec_dict
 
 TOL_STABILITY = 1e-4

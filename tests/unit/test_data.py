@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from slmcl.data import Example, file_sha256, load_examples
+from slmcl.tasks.data import Example, file_sha256, load_examples
 from slmcl.errors import DataError
 
 

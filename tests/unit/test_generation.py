@@ -14,11 +14,11 @@ from typing import Any
 import pytest
 import torch
 
-from slmcl.evaluation import evaluate_task
-from slmcl.generation import Generation, greedy_generate
-from slmcl.modeling import LoadedModel, load_model
-from slmcl.prompts import PromptRenderer
-from slmcl.spec import ChatSpec, ModelSpec, TaskSpec
+from slmcl.inference.evaluation import evaluate_task
+from slmcl.inference.generation import Generation, greedy_generate
+from slmcl.models.loading import LoadedModel, load_model
+from slmcl.tasks.prompts import PromptRenderer
+from slmcl.config.spec import ChatSpec, ModelSpec, TaskSpec
 
 CPU = torch.device("cpu")
 MAX_NEW = 8
@@ -167,7 +167,7 @@ def test_one_new_token(loaded: LoadedModel, prompts: list[list[int]], free_runs:
 
 
 def test_evaluate_task_reports_predictions(loaded: LoadedModel) -> None:
-    from slmcl.data import Example
+    from slmcl.tasks.data import Example
 
     renderer = PromptRenderer(loaded.tokenizer, ChatSpec())
     task = TaskSpec(name="mc", kind="multiple_choice", instruction="Pick.", train_file="a", test_file="b")

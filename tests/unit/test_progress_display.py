@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import io
 
-from slmcl.progress_display import ProgressDisplay
-from slmcl.runner import Event
+from slmcl.cli.display import ProgressDisplay
+from slmcl.protocol.embedded import Event
 
 
 def test_one_bar_follows_all_tasks_and_shards_of_a_checkpoint() -> None:

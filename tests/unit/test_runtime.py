@@ -9,7 +9,7 @@ import os
 import subprocess
 import sys
 
-PROBE = "from slmcl.runtime import keep_freed_memory; print(keep_freed_memory(), keep_freed_memory())"
+PROBE = "from slmcl.models.runtime import keep_freed_memory; print(keep_freed_memory(), keep_freed_memory())"
 
 
 def _probe(**env: str) -> str:

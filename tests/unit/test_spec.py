@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from slmcl.errors import SpecError
-from slmcl.spec import (
+from slmcl.config.spec import (
     BUILTIN_TASKS,
     DATA_DIR_ENV,
     EMBEDDED_MODEL,
@@ -281,7 +281,7 @@ def test_to_json_round_trips(data: Path, tmp_path: Path) -> None:
 
 def _slmcl() -> list[str]:
     exe = Path(sys.executable).parent / "slmcl"
-    return [str(exe)] if exe.is_file() else [sys.executable, "-m", "slmcl.cli"]
+    return [str(exe)] if exe.is_file() else [sys.executable, "-m", "slmcl.cli.main"]
 
 
 def test_cli_validate_bad_spec_is_one_line(tmp_path: Path) -> None:

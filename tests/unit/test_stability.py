@@ -13,12 +13,12 @@ from typing import Any
 import pytest
 import torch
 
-from slmcl.data import load_examples
-from slmcl.engine import Engine
-from slmcl.modeling import attach_lora, load_model
-from slmcl.prompts import PromptRenderer
-from slmcl.spec import ChatSpec, LoraSpec, ModelSpec, spec_from_dict
-from slmcl.stability import (
+from slmcl.tasks.data import load_examples
+from slmcl.models.engine import Engine
+from slmcl.models.loading import attach_lora, load_model
+from slmcl.tasks.prompts import PromptRenderer
+from slmcl.config.spec import ChatSpec, LoraSpec, ModelSpec, spec_from_dict
+from slmcl.inference.stability import (
     last_position_logprobs,
     reference_prompt_ids,
     row_stats,
@@ -26,7 +26,7 @@ from slmcl.stability import (
     tensor_from_bytes,
     tensor_to_bytes,
 )
-from slmcl.store import LocalStore
+from slmcl.storage.local import LocalStore
 from tests.conftest import tiny_spec_dict
 
 CPU = torch.device("cpu")

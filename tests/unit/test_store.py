@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from slmcl.errors import NotFoundError
-from slmcl.store import LocalStore, get_dir, put_dir
+from slmcl.storage.local import LocalStore, get_dir, put_dir
 
 
 @pytest.fixture()

@@ -17,14 +17,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from slmcl.data import Example, load_examples
+from slmcl.tasks.data import Example, load_examples
 from slmcl.errors import DataError, TrainingError
-from slmcl.modeling import LoadedModel, attach_lora, load_model
-from slmcl.prompts import PromptRenderer
-from slmcl.spec import BUILTIN_TASKS, ChatSpec, LoraSpec, ModelSpec, TaskSpec, TrainingSpec
-from slmcl.strategies import StageContext
-from slmcl.strategies.lora import SequentialLoRA
-from slmcl.training import (
+from slmcl.models.loading import LoadedModel, attach_lora, load_model
+from slmcl.tasks.prompts import PromptRenderer
+from slmcl.config.spec import BUILTIN_TASKS, ChatSpec, LoraSpec, ModelSpec, TaskSpec, TrainingSpec
+from slmcl.training.strategies import StageContext
+from slmcl.training.strategies.lora import SequentialLoRA
+from slmcl.training.loop import (
     IGNORE,
     SFTExample,
     _chunks,

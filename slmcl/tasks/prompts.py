@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from slmcl.spec import ChatSpec
+from slmcl.config.spec import ChatSpec
 
 
 def user_message(instruction: str, prompt: str) -> str:

@@ -18,9 +18,9 @@ from typing import Any, Sequence
 
 from slmcl import metrics as mx
 from slmcl.errors import NotFoundError
-from slmcl.store import ArtifactStore, LocalStore
+from slmcl.storage.local import ArtifactStore, LocalStore
 
-# The drift statistics and their summaries over the reference set (slmcl.stability computes them).
+# The drift statistics and their summaries over the reference set (slmcl.inference.stability computes them).
 STAT_NAMES = ("kl_to_base", "entropy", "margin")
 SUMMARIES = ("mean", "p10", "p95")
 

@@ -19,12 +19,12 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from slmcl.data import Example
-from slmcl.generation import last_position_logits
-from slmcl.modeling import LoadedModel
-from slmcl.prompts import PromptRenderer
-from slmcl.results import STAT_NAMES
-from slmcl.spec import BUILTIN_TASKS
+from slmcl.tasks.data import Example
+from slmcl.inference.generation import last_position_logits
+from slmcl.models.loading import LoadedModel
+from slmcl.tasks.prompts import PromptRenderer
+from slmcl.protocol.results import STAT_NAMES
+from slmcl.config.spec import BUILTIN_TASKS
 
 
 def reference_prompt_ids(

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from slmcl.errors import SlmclError
-from slmcl.runtime import keep_freed_memory
+from slmcl.models.runtime import keep_freed_memory
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -41,7 +41,7 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from slmcl.spec import load_spec
+    from slmcl.config.spec import load_spec
 
     spec = load_spec(args.spec)
     n_runs = len(spec.orders) * len(spec.seeds)
@@ -64,9 +64,9 @@ def _overrides(pairs: Sequence[str]) -> dict[str, Any]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from slmcl.progress_display import ProgressDisplay
-    from slmcl.runner import run_experiment
-    from slmcl.spec import load_spec
+    from slmcl.cli.display import ProgressDisplay
+    from slmcl.protocol.embedded import run_experiment
+    from slmcl.config.spec import load_spec
 
     overrides = _overrides(args.set or [])
     if args.output_dir:
@@ -81,7 +81,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def render_results(path: str | Path) -> str:
     """Accuracy matrix, CL metrics and stability, per order, as printed after a run."""
     from slmcl import metrics as mx
-    from slmcl.results import read_results
+    from slmcl.protocol.results import read_results
 
     res = read_results(path)
     parts = [f"results: {path}"]
@@ -107,7 +107,7 @@ def render_results(path: str | Path) -> str:
 
 def _score_rows(res: Any, order: Sequence[str]) -> list[Any]:
     from slmcl import metrics as mx
-    from slmcl.results import order_id, score_rows
+    from slmcl.protocol.results import order_id, score_rows
 
     recs = [r for r in res.records if list(r.order) == list(order)]
     return [mx.ScoreRow(seed=x["seed"], step=x["step"], checkpoint_task=x["checkpoint_task"], eval_task=x["eval_task"],
@@ -144,7 +144,7 @@ def cmd_metrics(args: argparse.Namespace) -> int:
 
 
 def cmd_stability(args: argparse.Namespace) -> int:
-    from slmcl.engine import adapter_drift
+    from slmcl.models.engine import adapter_drift
 
     summary = adapter_drift(model=args.model, adapter=args.adapter, reference=args.reference,
                             raw_prompts=args.raw_prompts, device=args.device, max_examples=args.max_examples,

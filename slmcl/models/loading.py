@@ -23,9 +23,9 @@ from typing import Any, Iterator
 
 import torch
 
-from slmcl.dropout import install_lora_dropout
+from slmcl.training.dropout import install_lora_dropout
 from slmcl.errors import ModelError
-from slmcl.spec import EMBEDDED_MODEL, LoraSpec, ModelSpec
+from slmcl.config.spec import EMBEDDED_MODEL, LoraSpec, ModelSpec
 
 log = logging.getLogger(__name__)
 

@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from slmcl.data import load_examples
-from slmcl.engine import Engine
+from slmcl.tasks.data import load_examples
+from slmcl.models.engine import Engine
 from slmcl.errors import SpecError
-from slmcl.results import (
+from slmcl.protocol.results import (
     StageRecord,
     checkpoint_prefix,
     predictions_key,
@@ -31,8 +31,8 @@ from slmcl.results import (
     write_stage,
     write_tables,
 )
-from slmcl.spec import ExperimentSpec
-from slmcl.store import LocalStore, get_dir
+from slmcl.config.spec import ExperimentSpec
+from slmcl.storage.local import LocalStore, get_dir
 
 
 @dataclass(frozen=True)

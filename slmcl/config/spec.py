@@ -481,7 +481,7 @@ def _validate_values(spec: ExperimentSpec, errors: _Errors) -> None:
         errors.add("reference.file", "missing")
     if spec.chat.raw_prompts and spec.chat.system_prompt:
         errors.add("chat.system_prompt", "has no effect with chat.raw_prompts: true")
-    from slmcl.strategies import STRATEGIES  # local: the registry imports torch lazily
+    from slmcl.training.strategies import STRATEGIES  # local: the registry imports torch lazily
 
     if spec.strategy.name not in STRATEGIES:
         errors.add("strategy.name", f"unknown strategy {spec.strategy.name!r} (known: {', '.join(sorted(STRATEGIES))})")

@@ -20,13 +20,13 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from slmcl.answers import training_target
-from slmcl.batching import length_batches
-from slmcl.data import Example
+from slmcl.tasks.answers import training_target
+from slmcl.training.batching import length_batches
+from slmcl.tasks.data import Example
 from slmcl.errors import DataError, TrainingError
-from slmcl.prompts import PromptRenderer
-from slmcl.spec import TaskSpec, TrainingSpec
-from slmcl.strategies import StageContext, Strategy
+from slmcl.tasks.prompts import PromptRenderer
+from slmcl.config.spec import TaskSpec, TrainingSpec
+from slmcl.training.strategies import StageContext, Strategy
 
 IGNORE = -100
 

@@ -16,14 +16,14 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
-from slmcl import modeling
-from slmcl.data import Example, file_sha256, load_examples
+from slmcl.models import loading as modeling
+from slmcl.tasks.data import Example, file_sha256, load_examples
 from slmcl.errors import SpecError
-from slmcl.evaluation import TaskEvaluation, evaluate_tasks, one_task_progress
-from slmcl.modeling import LoadedModel
-from slmcl.prompts import PromptRenderer
-from slmcl.spec import ExperimentSpec, TaskSpec
-from slmcl.stability import (
+from slmcl.inference.evaluation import TaskEvaluation, evaluate_tasks, one_task_progress
+from slmcl.models.loading import LoadedModel
+from slmcl.tasks.prompts import PromptRenderer
+from slmcl.config.spec import ExperimentSpec, TaskSpec
+from slmcl.inference.stability import (
     StabilitySummary,
     base_cache_key,
     last_position_logprobs,
@@ -32,9 +32,9 @@ from slmcl.stability import (
     tensor_from_bytes,
     tensor_to_bytes,
 )
-from slmcl.store import ArtifactStore
-from slmcl.strategies import StageContext, get_strategy
-from slmcl.training import StageTrainResult, build_sft_example, train_stage
+from slmcl.storage.local import ArtifactStore
+from slmcl.training.strategies import StageContext, get_strategy
+from slmcl.training.loop import StageTrainResult, build_sft_example, train_stage
 
 log = logging.getLogger(__name__)
 
@@ -253,7 +253,7 @@ def adapter_drift(
     from peft import PeftModel
 
     from slmcl.errors import ModelError
-    from slmcl.spec import EMBEDDED_MODEL, ChatSpec, ModelSpec
+    from slmcl.config.spec import EMBEDDED_MODEL, ChatSpec, ModelSpec
 
     name = EMBEDDED_MODEL if model in ("", "embedded", EMBEDDED_MODEL) else model
     loaded = modeling.load_model(ModelSpec(name=name, trust_remote_code=trust_remote_code), device)

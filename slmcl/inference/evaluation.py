@@ -1,4 +1,4 @@
-"""Task accuracy of a checkpoint: greedy generation (``slmcl.generation``), then exact match
+"""Task accuracy of a checkpoint: greedy generation (``slmcl.inference.generation``), then exact match
 after normalization, with every prediction kept for the results directory."""
 
 from __future__ import annotations
@@ -7,12 +7,12 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Sequence
 
-from slmcl.answers import is_correct
-from slmcl.data import Example
-from slmcl.generation import greedy_generate
-from slmcl.modeling import LoadedModel
-from slmcl.prompts import PromptRenderer
-from slmcl.spec import TaskSpec
+from slmcl.tasks.answers import is_correct
+from slmcl.tasks.data import Example
+from slmcl.inference.generation import greedy_generate
+from slmcl.models.loading import LoadedModel
+from slmcl.tasks.prompts import PromptRenderer
+from slmcl.config.spec import TaskSpec
 
 
 @dataclass(frozen=True)

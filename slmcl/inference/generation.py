@@ -16,8 +16,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from slmcl.batching import length_batches
-from slmcl.decode_cache import KVSlots, num_layers, supports_slots
+from slmcl.training.batching import length_batches
+from slmcl.inference.decode_cache import KVSlots, num_layers, supports_slots
 
 
 @dataclass(frozen=True)

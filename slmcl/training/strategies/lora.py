@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from slmcl.data import Example
-from slmcl.strategies import StageContext
+from slmcl.tasks.data import Example
+from slmcl.training.strategies import StageContext
 
 
 class SequentialLoRA:

@@ -1,6 +1,6 @@
 """Continual-learning strategies: how a stage trains, as hooks around one fixed loop.
 
-The training loop (``slmcl.training``) never changes for a new method: O-LoRA adds an
+The training loop (``slmcl.training.loop``) never changes for a new method: O-LoRA adds an
 orthogonality term through ``extra_loss``, OSFT projects gradients in ``after_backward``,
 replay mixes old rows in through ``stage_examples``, and each can save its own state with
 ``export``. A strategy is named in the spec (``strategy.name``) and looked up here, so the
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol, Sequence
 if TYPE_CHECKING:  # keep this module importable without torch (spec validation uses it)
     import torch
 
-    from slmcl.data import Example
+    from slmcl.tasks.data import Example
 
 
 @dataclass
@@ -54,7 +54,7 @@ class Strategy(Protocol):
 
 # name -> "module:Class", imported on first use so that listing names needs no torch.
 STRATEGIES: dict[str, str] = {
-    "lora": "slmcl.strategies.lora:SequentialLoRA",
+    "lora": "slmcl.training.strategies.lora:SequentialLoRA",
 }
 
 
