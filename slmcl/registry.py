@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import pkgutil
 import re
 import threading
 from typing import Callable, Generic, Iterator, TypeVar
@@ -27,14 +28,15 @@ _NAME = re.compile(r"^[a-z][a-z0-9_-]{0,39}$")
 class Registry(Generic[T]):
     """A name -> component map with validated names and helpful misses.
 
-    ``builtins`` names modules that register the built-in components when imported: the
-    registry imports them on first lookup, so listing or validating names costs nothing
-    until someone asks, and importing the registry itself stays cheap.
+    ``package`` names the package whose modules register the built-in components when
+    imported: the registry imports every module of it on first lookup, so adding a component
+    is adding one file, listing or validating names costs nothing until someone asks, and
+    importing the registry itself stays cheap.
     """
 
-    def __init__(self, what: str, builtins: tuple[str, ...] = ()) -> None:
+    def __init__(self, what: str, package: str | None = None) -> None:
         self.what = what  # "task kind", "strategy", "store": used in messages
-        self._builtins = builtins
+        self._package = package
         self._loaded = False
         self._items: dict[str, T] = {}
         self._lock = threading.RLock()
@@ -90,8 +92,11 @@ class Registry(Generic[T]):
                 return
             self._loaded = True  # before the imports: a builtin module may look itself up
             try:
-                for module in self._builtins:
-                    importlib.import_module(module)
+                if self._package:
+                    pkg = importlib.import_module(self._package)
+                    for info in pkgutil.iter_modules(pkg.__path__, f"{self._package}."):
+                        if not info.name.rsplit(".", 1)[-1].startswith("_"):
+                            importlib.import_module(info.name)
             except BaseException:
                 self._loaded = False
                 raise
