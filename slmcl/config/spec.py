@@ -5,23 +5,38 @@ ships it to trainers and evaluators as JSON), so it is a tree of frozen dataclas
 plain-data fields, validated once at the edge. Every error names the field it is about
 (``training.lr: must be > 0``) and all errors of a file are reported together.
 
+The classes are pydantic v2 dataclasses: one declaration gives the types, the ranges, the
+unknown-key check and the published JSON Schema (``slmcl.config.schema``), replacing a
+home-made coercer; they stay real dataclasses, so ``dataclasses.replace`` and ``asdict``
+keep working. Pydantic's own wording is not ours, so ``_explain`` translates its error list
+into the one-line ``path: message`` form, and fields are ``Strict`` so that ``"2"`` is not an
+integer and ``true`` not a number. Task kinds and strategies are checked against their
+registries at load, so ``slmcl validate`` catches what training would otherwise hit hours in.
+
 Defaults are the study's (DESIGN.md §1). Relative paths are resolved against the spec
 file's folder; the TRACE data folder comes from ``data_dir`` or ``$SLMCL_DATA_DIR``.
-Importing this module must stay cheap: no torch.
+Importing this module must stay cheap: no torch (the registries are imported when a spec
+is validated, and they are torch-free too).
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
+import functools
 import json
 import os
-import types
+import re
 import typing
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import field
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import BeforeValidator, ConfigDict, Field, Strict, TypeAdapter, ValidationError, field_validator
+from pydantic.dataclasses import dataclass
 
 from slmcl.errors import SpecError
 
@@ -39,100 +54,204 @@ BUILTIN_TASKS: dict[str, tuple[str, str, str]] = {
     "scienceqa": ("ScienceQA", "multiple_choice", MULTIPLE_CHOICE_INSTRUCTION),
     "numgluecm": ("NumGLUE-cm", "numeric", MATH_INSTRUCTION),
 }
-TASK_KINDS = ("multiple_choice", "numeric")
 
 MAX_NEW_TOKENS_LIMIT = 4096
 MAX_SEEDS = 64
 
 
-@dataclass(frozen=True)
+def _yaml_float(value: Any) -> Any:
+    """PyYAML (YAML 1.1) reads ``5e-5``, without a dot, as a string: take the number it spells."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _none_is_empty(value: Any) -> Any:
+    """A section written with nothing under it (``training:``) means all its defaults."""
+    return {} if value is None else value
+
+
+Int = Annotated[int, Strict()]  # strict: True and 2.5 are not integers, nor is "2"
+Str = Annotated[str, Strict()]
+Bool = Annotated[bool, Strict()]
+Number = Annotated[float, Strict()]  # an int is a number, a bool is not
+# Last in a number's Annotated, after its bounds (which then reach the JSON Schema as bounds).
+FromText = BeforeValidator(_yaml_float)
+Count = Annotated[Int, Field(gt=0, le=4096)]
+Limit = Annotated[Int, Field(gt=0)] | None  # None: no limit
+Section = BeforeValidator(_none_is_empty)
+_CONFIG = ConfigDict(extra="forbid", allow_inf_nan=False, defer_build=True)  # built on first use: cheap import
+
+
+def _enum(names: typing.Callable[[], list[str]]) -> typing.Callable[[dict[str, Any]], None]:
+    """JSON Schema ``enum`` of a registry's names, read when the schema is generated (not at import)."""
+    return lambda schema: schema.update(enum=names())
+
+
+def _task_kind_names() -> list[str]:
+    from slmcl.tasks.kinds import TASK_KINDS  # local: imports the kind modules; stdlib only, but not needed to import
+
+    return TASK_KINDS.names()
+
+
+def _strategy_names() -> list[str]:
+    from slmcl.training.strategies import STRATEGIES  # local: the strategy modules import torch only when run
+
+    return STRATEGIES.names()
+
+
+@dataclass(frozen=True, config=_CONFIG)
 class ModelSpec:
-    name: str = field(default=EMBEDDED_MODEL, metadata={"help": "HF id, local folder, or the embedded SmolLM2"})
-    trust_remote_code: bool = False
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    revision: str | None = None
+    """The base model; "model: NAME" is short for "model: {name: NAME}"."""
 
-
-@dataclass(frozen=True)
-class TaskSpec:
-    name: str
-    kind: Literal["multiple_choice", "numeric"] = "multiple_choice"
-    instruction: str = ""
-    train_file: str = ""
-    test_file: str = ""
-
-
-@dataclass(frozen=True)
-class LoraSpec:
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.05
-    bias: Literal["none", "all", "lora_only"] = "none"
-    target_modules: str | list[str] = "all-linear"
-
-
-@dataclass(frozen=True)
-class TrainingSpec:
-    epochs: int = 1
-    batch_size: int = 2
-    grad_accum: int = field(default=8, metadata={"help": "micro-batches per optimizer step"})
-    lr: float = 5e-5
-    weight_decay: float = 0.0
-    max_length: int = 512
-    max_grad_norm: float = 1.0
-    max_examples: int | None = field(default=None, metadata={"help": "first N train rows per task"})
-    tokens_per_forward: int = field(
-        default=1024,
-        metadata={"help": "padded tokens merged into one forward; the loss weighting stays batch x accumulation"},
+    name: Annotated[Str, Field(description="HF id, local folder, or 'embedded' (SmolLM2-135M-Instruct)")] = (
+        EMBEDDED_MODEL
     )
+    trust_remote_code: Bool = False
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    revision: Str | None = None
+
+    @field_validator("name", mode="before")
+    @classmethod
+    def _embedded_alias(cls, name: Any) -> Any:
+        return EMBEDDED_MODEL if name is None or name in ("", "embedded") else name
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_CONFIG)
+class TaskSpec:
+    """One task; a bare built-in name (fomc, scienceqa, numgluecm) fills the other fields."""
+
+    name: Str
+    kind: Annotated[Str, Field(description="a task kind of slmcl.tasks.kinds", json_schema_extra=_enum(
+        _task_kind_names))] = "multiple_choice"
+    instruction: Str = ""
+    train_file: Annotated[Str, Field(description="JSON rows; relative to data_dir")] = ""
+    test_file: Annotated[Str, Field(description="JSON rows; relative to data_dir")] = ""
+
+    @field_validator("kind")
+    @classmethod
+    def _registered_kind(cls, kind: str) -> str:
+        from slmcl.tasks.kinds import TASK_KINDS  # local: see _task_kind_names
+
+        if kind not in TASK_KINDS:
+            raise ValueError(TASK_KINDS.unknown_message(kind))
+        return kind
+
+
+@dataclass(frozen=True, config=_CONFIG)
+class LoraSpec:
+    """The adapter every stage trains (one adapter, carried across the stages)."""
+
+    rank: Count = 8
+    alpha: Annotated[Number, Field(gt=0), FromText] = 16.0
+    dropout: Annotated[Number, Field(ge=0, lt=1), FromText] = 0.05
+    bias: Literal["none", "all", "lora_only"] = "none"
+    target_modules: Str | list[Str] = "all-linear"
+
+
+@dataclass(frozen=True, config=_CONFIG)
+class TrainingSpec:
+    """One stage's fine-tuning."""
+
+    epochs: Annotated[Int, Field(gt=0, le=100)] = 1
+    batch_size: Count = 2
+    grad_accum: Annotated[Count, Field(description="micro-batches per optimizer step")] = 8
+    lr: Annotated[Number, Field(gt=0, le=1), FromText] = 5e-5
+    weight_decay: Annotated[Number, Field(ge=0), FromText] = 0.0
+    max_length: Annotated[Int, Field(gt=0, le=131072)] = 512
+    max_grad_norm: Annotated[Number, Field(gt=0), FromText] = 1.0
+    max_examples: Annotated[Limit, Field(description="first N train rows per task")] = None
+    tokens_per_forward: Annotated[Int, Field(gt=0, description=(
+        "padded tokens merged into one forward; the loss weighting stays batch x accumulation"))] = 1024
+
+
+@dataclass(frozen=True, config=_CONFIG)
 class EvaluationSpec:
-    max_new_tokens: int = 256
+    """Greedy decoding of every task's test rows after every stage."""
+
+    max_new_tokens: Annotated[Int, Field(gt=0, le=MAX_NEW_TOKENS_LIMIT)] = 256
     # Rows decoded together (all tasks of a checkpoint share batches). Per-token decode cost
     # keeps falling with the batch on a CPU too (b=32: 5.5 ms/row/step, b=64: 4.5 on 2 cores).
-    batch_size: int = 64
-    max_examples: int | None = field(default=None, metadata={"help": "first N test rows per task"})
+    batch_size: Annotated[Count, Field(description="rows decoded together; any value gives the same tokens")] = 64
+    max_examples: Annotated[Limit, Field(description="first N test rows per task")] = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_CONFIG)
 class ReferenceSpec:
-    file: str = "reference.json"
-    max_examples: int | None = None
-    batch_size: int = 16
+    """The fixed prompts on which stability (KL to the base model, entropy, margin) is measured."""
+
+    file: Annotated[Str, Field(min_length=1)] = "reference.json"
+    max_examples: Limit = None
+    batch_size: Count = 16
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_CONFIG)
 class ChatSpec:
-    system_prompt: str | None = field(default=None, metadata={"help": "None: no system message"})
-    template_kwargs: dict[str, Any] = field(default_factory=dict)
-    enable_thinking: bool = False
-    raw_prompts: bool = field(default=False, metadata={"help": "feed prompts as-is, no chat template"})
+    """How prompts become model input."""
+
+    system_prompt: Annotated[Str | None, Field(description="null: no system message")] = None
+    template_kwargs: dict[Str, Any] = field(default_factory=dict)
+    enable_thinking: Bool = False
+    raw_prompts: Annotated[Bool, Field(description="feed prompts as-is, no chat template")] = False
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_CONFIG)
 class StrategySpec:
-    name: str = "lora"
-    options: dict[str, Any] = field(default_factory=dict)
+    """The continual-learning method; its options are checked by the strategy at load."""
+
+    name: Annotated[Str, Field(json_schema_extra=_enum(_strategy_names))] = "lora"
+    options: dict[Str, Any] = field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _registered_strategy(cls, name: str) -> str:
+        from slmcl.training.strategies import STRATEGIES  # local: see _strategy_names
+
+        if name not in STRATEGIES:
+            raise ValueError(STRATEGIES.unknown_message(name))
+        return name
 
 
-@dataclass(frozen=True)
+def _model_input(value: Any) -> Any:
+    return {} if value is None else {"name": value} if isinstance(value, str) else value
+
+
+def _task_input(value: Any) -> Any:
+    """A bare name is a task; a built-in task's name fills its folder, kind and instruction, each overridable."""
+    if isinstance(value, str):
+        value = {"name": value}
+    name = value.get("name") if isinstance(value, dict) else None
+    if not isinstance(name, str) or name not in BUILTIN_TASKS:
+        return value
+    folder, kind, instruction = BUILTIN_TASKS[name]
+    return {"kind": kind, "instruction": instruction,
+            "train_file": f"{folder}/train.json", "test_file": f"{folder}/test.json", **value}
+
+
+@dataclass(frozen=True, config=_CONFIG)
 class ExperimentSpec:
-    name: str = "experiment"
-    model: ModelSpec = field(default_factory=ModelSpec)
-    data_dir: str = ""
-    tasks: list[TaskSpec] = field(default_factory=list)
-    orders: list[list[str]] = field(default_factory=list)
-    seeds: list[int] = field(default_factory=lambda: [33, 42, 123])
-    lora: LoraSpec = field(default_factory=LoraSpec)
-    training: TrainingSpec = field(default_factory=TrainingSpec)
-    evaluation: EvaluationSpec = field(default_factory=EvaluationSpec)
-    reference: ReferenceSpec = field(default_factory=ReferenceSpec)
-    chat: ChatSpec = field(default_factory=ChatSpec)
-    strategy: StrategySpec = field(default_factory=StrategySpec)
+    """An slmcl experiment: every (order, seed) pair is one run of sequential fine-tuning."""
+
+    name: Str = "experiment"
+    model: Annotated[ModelSpec, BeforeValidator(_model_input, json_schema_input_type=Str | ModelSpec)] = field(
+        default_factory=ModelSpec)
+    data_dir: Annotated[Str, Field(description=f"the TRACE data folder; default ${DATA_DIR_ENV}")] = ""
+    tasks: list[Annotated[TaskSpec, BeforeValidator(_task_input, json_schema_input_type=Str | TaskSpec)]] = field(
+        default_factory=list)
+    orders: Annotated[list[list[Str]], Field(description="task orders; default: the tasks as declared")] = field(
+        default_factory=list)
+    seeds: list[Annotated[Int, Field(ge=0, lt=2**32)]] = field(default_factory=lambda: [33, 42, 123])
+    lora: Annotated[LoraSpec, Section] = field(default_factory=LoraSpec)
+    training: Annotated[TrainingSpec, Section] = field(default_factory=TrainingSpec)
+    evaluation: Annotated[EvaluationSpec, Section] = field(default_factory=EvaluationSpec)
+    reference: Annotated[ReferenceSpec, Section] = field(default_factory=ReferenceSpec)
+    chat: Annotated[ChatSpec, Section] = field(default_factory=ChatSpec)
+    strategy: Annotated[StrategySpec, Section] = field(default_factory=StrategySpec)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    output_dir: str = "runs/experiment"
+    output_dir: Str = "runs/experiment"
 
     def task(self, name: str) -> TaskSpec:
         for t in self.tasks:
@@ -151,7 +270,7 @@ class ExperimentSpec:
 
 
 # ---------------------------------------------------------------------------------------
-# Generic dataclass builder: unknown keys and wrong types become SpecError lines.
+# Pydantic's error list in our words: one ``path: message`` line per bad field.
 
 
 class _Errors:
@@ -167,114 +286,111 @@ class _Errors:
             raise SpecError(head + "; ".join(self.lines))
 
 
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin is list:
-        return f"list of {_type_name(typing.get_args(tp)[0])}"
-    if origin is dict:
-        return "mapping"
-    if tp is type(None):
-        return "null"
-    return getattr(tp, "__name__", str(tp))
+_EXPECTED = {  # pydantic error type -> what the field wanted
+    "int_type": "an integer", "int_from_float": "an integer", "int_parsing": "an integer",
+    "float_type": "a number", "float_parsing": "a number", "bool_type": "true or false",
+    "string_type": "a string", "list_type": "a list", "dict_type": "a mapping",
+    "dataclass_type": "a mapping", "dataclass_exact_type": "a mapping",
+}
+_BOUNDS = {"greater_than": ("gt", ">"), "greater_than_equal": ("ge", ">="),
+           "less_than": ("lt", "<"), "less_than_equal": ("le", "<=")}
 
 
-def _coerce(value: Any, tp: Any, path: str, errors: _Errors) -> Any:
-    """Check ``value`` against the annotation ``tp``; return the value to store (or None on error)."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(tp)
-        if value is None and type(None) in options:
-            return None
-        for opt in options:
-            if opt is type(None):
-                continue
-            trial = _Errors()
-            out = _coerce(value, opt, path, trial)
-            if not trial.lines:
-                return out
-        errors.add(path, f"expected {_type_name(tp)}, got {value!r}")
-        return None
-    if origin is Literal:
-        if value not in typing.get_args(tp):
-            errors.add(path, f"must be one of {', '.join(repr(a) for a in typing.get_args(tp))}, got {value!r}")
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            errors.add(path, f"expected a list, got {value!r}")
-            return None
-        (item_tp,) = typing.get_args(tp)
-        return [_coerce(v, item_tp, f"{path}[{i}]", errors) for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            errors.add(path, f"expected a mapping, got {value!r}")
-            return None
-        return dict(value)
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, path, errors)
-    if tp is bool:
-        if not isinstance(value, bool):
-            errors.add(path, f"expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            errors.add(path, f"expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads "5e-5" as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            errors.add(path, f"expected a number, got {value!r}")
-            return None
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            errors.add(path, f"expected a string, got {value!r}")
-        return value
-    if tp is Any:
-        return value
-    raise TypeError(f"unsupported annotation {tp!r} at {path}")  # a bug in this module, not user input
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _build(cls: type, raw: Any, path: str, errors: _Errors) -> Any:
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, Mapping):
-        errors.add(path, f"expected a mapping, got {raw!r}")
-        return cls()
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    for key in raw:
-        if key not in known:
-            where = f"{path}.{key}" if path else str(key)
-            errors.add(where, f"unknown key (known: {', '.join(sorted(known))})")
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name in raw:
-            where = f"{path}.{f.name}" if path else f.name
-            kwargs[f.name] = _coerce(raw[f.name], hints[f.name], where, errors)
-    try:
-        return cls(**{k: v for k, v in kwargs.items() if v is not None or _allows_none(hints[k])})
-    except TypeError as exc:  # a required field is missing
-        errors.add(path, str(exc))
-        return None
+@functools.cache
+def _fields(cls: type) -> dict[str, type | None]:
+    """Field name -> the spec class it holds (``list[TaskSpec]`` holds TaskSpec), or None for plain data."""
+    out: dict[str, type | None] = {}
+    for name, tp in typing.get_type_hints(cls).items():
+        out[name] = next((t for t in (tp, *typing.get_args(tp)) if isinstance(t, type) and dataclasses.is_dataclass(t)),
+                         None)
+    return out
 
 
-def _allows_none(tp: Any) -> bool:
-    return type(None) in typing.get_args(tp)
+def _locate(loc: tuple[int | str, ...], unknown: bool) -> tuple[str, type, type | None]:
+    """The dotted path of an error location, the spec class holding its last key, and the class at it.
+
+    Pydantic inserts the member tag of a union (``'str'``, ``'list[str]'``) into the location;
+    only field names, list indices and (for ``unknown``) the unknown key make the user's path.
+    """
+    path = ""
+    cls: type | None = ExperimentSpec
+    holder: type = ExperimentSpec
+    for i, part in enumerate(loc):
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif cls is not None and (part in _fields(cls) or (unknown and i == len(loc) - 1)):
+            path += f".{part}" if path else part
+            holder, cls = cls, _fields(cls).get(part)
+    return path, holder, cls
+
+
+def _bound(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _explain(exc: ValidationError) -> list[str]:
+    by_path: dict[str, list[str]] = {}
+    wants: dict[str, list[str]] = {}
+    values: dict[str, Any] = {}
+    for err in exc.errors():
+        kind, ctx, value, loc = err["type"], err.get("ctx") or {}, err.get("input"), err["loc"]
+        if kind == "invalid_key" or loc[-1:] == ("[key]",):  # a YAML key that is not a string (`1: x`)
+            path, _, cls = _locate(loc[:-1] if kind == "invalid_key" else loc[:-2], unknown=False)
+            by_path.setdefault(path, []).append(
+                f"keys must be strings, got {value!r}" if cls is None
+                else f"unknown key {value!r} (known: {', '.join(sorted(_fields(cls)))})")
+            continue
+        path, holder, _ = _locate(loc, unknown=kind == "unexpected_keyword_argument")
+        if kind in _EXPECTED:  # several for one path when it allows a union: merged below
+            shorthand = kind == "dataclass_type" and _SHORTHAND.fullmatch(path)
+            wants.setdefault(path, []).append("a name or a mapping" if shorthand else _EXPECTED[kind])
+            values[path] = value
+            by_path.setdefault(path, [])
+            continue
+        if kind == "unexpected_keyword_argument":
+            msg = f"unknown key (known: {', '.join(sorted(_fields(holder)))})"
+        elif kind in _BOUNDS:
+            key, op = _BOUNDS[kind]
+            msg = f"must be {op} {_bound(ctx[key])}, got {value}"
+        elif kind == "literal_error":
+            msg = f"must be one of {ctx['expected']}, got {_show(value)}"
+        elif kind == "missing":
+            msg = "missing"
+        elif kind == "finite_number":
+            msg = f"must be a finite number, got {value}"
+        elif kind == "string_too_short":
+            msg = "must not be empty"
+        elif kind in ("value_error", "assertion_error"):
+            msg = str(ctx["error"])
+        else:  # rarer cases keep pydantic's wording, still under the field's name
+            msg = f"{err['msg']}, got {_show(value)}"
+        by_path.setdefault(path, []).append(msg)
+    lines = []
+    for path, msgs in by_path.items():
+        deeper = any(p.startswith((f"{path}[", f"{path}.")) for p in by_path)
+        if path in wants and not deeper:  # a list item failing says more than "not a string" of the union
+            msgs = [f"expected {' or '.join(dict.fromkeys(wants[path]))}, got {_show(values[path])}", *msgs]
+        lines += [f"{path}: {m}" if path else m for m in msgs]
+    return lines
+
+
+@functools.cache
+def _adapter() -> TypeAdapter[ExperimentSpec]:
+    return TypeAdapter(ExperimentSpec)
 
 
 # ---------------------------------------------------------------------------------------
-# Loading: parse, fill presets, resolve paths, validate values.
+# Loading: parse, apply overrides, validate types, resolve paths, check values across fields.
 
 
-def load_spec(path: str | Path, *, check_files: bool = True, overrides: Mapping[str, Any] | None = None) -> ExperimentSpec:
+def load_spec(
+    path: str | Path, *, check_files: bool = True, overrides: Mapping[str, Any] | None = None
+) -> ExperimentSpec:
     """Read, validate and resolve a spec file; raise ``SpecError`` naming every bad field."""
     path = Path(path)
     try:
@@ -294,18 +410,66 @@ def load_spec(path: str | Path, *, check_files: bool = True, overrides: Mapping[
     if not isinstance(raw, dict):
         raise SpecError(f"{path}: the spec must be a mapping of settings, got {type(raw).__name__}")
     if overrides:
-        raw = _apply_overrides(raw, overrides)
+        raw = apply_overrides(raw, overrides)
     return spec_from_dict(raw, base_dir=path.resolve().parent, source=str(path), check_files=check_files)
 
 
-def _apply_overrides(raw: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
-    out = json.loads(json.dumps(raw))
+_SHORTHAND = re.compile(r"model|tasks\[\d+\]")  # where a bare name stands for {name: ...}
+_STEP = re.compile(r"([^.\[\]]+)((?:\[\d+\])*)")
+
+
+def _override_steps(dotted: str) -> list[str | int]:
+    """``training.lr`` -> ['training', 'lr']; ``tasks[1].kind`` -> ['tasks', 1, 'kind'] (the paths errors print)."""
+    steps: list[str | int] = []
+    for part in dotted.split("."):
+        m = _STEP.fullmatch(part.strip())
+        if not m:
+            raise SpecError(f"--set {dotted}: not a setting path (write it as errors name it, e.g. training.lr "
+                            "or tasks[0].kind)")
+        steps.append(m.group(1))
+        steps += [int(i) for i in re.findall(r"\d+", m.group(2))]
+    return steps
+
+
+def _shown(steps: list[str | int]) -> str:
+    return "".join(f"[{s}]" if isinstance(s, int) else f".{s}" for s in steps).lstrip(".")
+
+
+def apply_overrides(raw: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """``--set`` values on a parsed spec; a path that cannot be followed is one ``SpecError`` line naming it.
+
+    Keys that do not exist are added and left to validation, which names them as unknown.
+    A bare name where a mapping is needed (``model: embedded``, a task written as ``fomc``)
+    is read as ``{name: ...}``, so ``model.revision=...`` and ``tasks[0].kind=...`` work on
+    the shorthands too.
+    """
+    out = copy.deepcopy(dict(raw))
     for dotted, value in overrides.items():
-        node = out
-        parts = dotted.split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = value
+        steps = _override_steps(dotted)
+        node: Any = out
+        for depth, step in enumerate(steps):
+            here = _shown(steps[:depth + 1])
+            last = depth == len(steps) - 1
+            if isinstance(step, int):
+                if not isinstance(node, list):
+                    raise SpecError(f"--set {dotted}: {_shown(steps[:depth]) or 'the spec'} is not a list")
+                if not 0 <= step < len(node):
+                    raise SpecError(f"--set {dotted}: {_shown(steps[:depth])} has {len(node)} item(s), no [{step}]")
+            elif not isinstance(node, dict):
+                what = "a list: index it, e.g. [0]" if isinstance(node, list) else f"{_show(node)}, not a section"
+                raise SpecError(f"--set {dotted}: {_shown(steps[:depth])} is {what}")
+            if last:
+                node[step] = value
+                break
+            child = node[step] if isinstance(step, int) else node.get(step)
+            if child is None and isinstance(steps[depth + 1], int):
+                raise SpecError(f"--set {dotted}: {here} is not in the spec file; set it whole, e.g. {here}=[...]")
+            if child is None:
+                child = {}
+            elif isinstance(child, str) and _SHORTHAND.fullmatch(here):
+                child = {"name": child}
+            node[step] = child
+            node = child
     return out
 
 
@@ -321,41 +485,24 @@ def spec_from_dict(
     environ = os.environ if environ is None else environ
     base = Path(base_dir) if base_dir is not None else Path.cwd()
     errors = _Errors()
-    raw = dict(raw)
-
-    # `model` may be written as a bare string; tasks as bare names of built-in tasks.
-    if isinstance(raw.get("model"), str):
-        raw["model"] = {"name": raw["model"]}
-    if raw.get("model") is None and "model" in raw:
-        raw["model"] = {}
-    if raw.get("model", {}) and raw["model"].get("name") in (None, "", "embedded"):
-        raw["model"] = {**raw["model"], "name": EMBEDDED_MODEL}
-    tasks_raw = raw.get("tasks")
-    if isinstance(tasks_raw, list):
-        raw["tasks"] = [{"name": t} if isinstance(t, str) else t for t in tasks_raw]
-        raw["tasks"] = [_fill_task_preset(t) for t in raw["tasks"]]
-
-    spec = _build(ExperimentSpec, raw, "", errors)
-    errors.raise_if_any(source)
-    assert spec is not None
+    try:
+        spec = _adapter().validate_python(dict(raw))
+    except ValidationError as exc:
+        errors.lines += _explain(exc)
+        bad = {err["loc"][0] for err in exc.errors() if err["loc"]}
+        if "tasks" not in bad:  # the checks across fields read sound ones only: run them too, to list everything
+            with contextlib.suppress(ValidationError):
+                _validate_values(_adapter().validate_python({k: v for k, v in raw.items() if k not in bad}), errors)
+        errors.raise_if_any(source)
+        raise  # not reached: a ValidationError holds at least one error
     spec = _resolve_paths(spec, base, environ, errors)
     if not spec.orders:  # no order given: the tasks in the order they are declared
         spec = dataclasses.replace(spec, orders=[[t.name for t in spec.tasks]])
-    _validate_values(spec, errors)
+    spec = _validate_values(spec, errors)
     if check_files and not errors.lines:
         _check_files(spec, errors)
     errors.raise_if_any(source)
     return spec
-
-
-def _fill_task_preset(task: Any) -> Any:
-    if not isinstance(task, dict) or task.get("name") not in BUILTIN_TASKS:
-        return task
-    folder, kind, instruction = BUILTIN_TASKS[task["name"]]
-    filled = {"kind": kind, "instruction": instruction,
-              "train_file": f"{folder}/train.json", "test_file": f"{folder}/test.json"}
-    filled.update(task)
-    return filled
 
 
 def _resolve_paths(spec: ExperimentSpec, base: Path, environ: Mapping[str, str], errors: _Errors) -> ExperimentSpec:
@@ -409,7 +556,8 @@ def _resolve_paths(spec: ExperimentSpec, base: Path, environ: Mapping[str, str],
     )
 
 
-def _validate_values(spec: ExperimentSpec, errors: _Errors) -> None:
+def _validate_values(spec: ExperimentSpec, errors: _Errors) -> ExperimentSpec:
+    """What one field's type cannot say: names, orders and seeds across fields, and the strategy's options."""
     if not spec.name.strip():
         errors.add("name", "must not be empty")
     if not spec.tasks:
@@ -430,10 +578,10 @@ def _validate_values(spec: ExperimentSpec, errors: _Errors) -> None:
     for i, order in enumerate(spec.orders):
         if not order:
             errors.add(f"orders[{i}]", "empty order")
-        for t in order:
-            if t not in names:
-                errors.add(f"orders[{i}]", f"unknown task {t!r} (declared: {', '.join(names)})")
-        dup = sorted({t for t in order if order.count(t) > 1})
+        for task_name in order:
+            if task_name not in names:
+                errors.add(f"orders[{i}]", f"unknown task {task_name!r} (declared: {', '.join(names)})")
+        dup = sorted({n for n in order if order.count(n) > 1})
         if dup:
             errors.add(f"orders[{i}]", f"task(s) {', '.join(dup)} appear more than once")
     if len({tuple(o) for o in spec.orders}) < len(spec.orders):
@@ -444,47 +592,20 @@ def _validate_values(spec: ExperimentSpec, errors: _Errors) -> None:
         errors.add("seeds", f"{len(spec.seeds)} seeds is more than {MAX_SEEDS}; each seed is a full run")
     if len(set(spec.seeds)) < len(spec.seeds):
         errors.add("seeds", "duplicate seeds")
-    for i, s in enumerate(spec.seeds):
-        if isinstance(s, int) and not 0 <= s < 2**32:
-            errors.add(f"seeds[{i}]", "must be in [0, 2**32)")
-
-    def positive(value: float | int | None, where: str, upper: float | None = None) -> None:
-        if value is None:
-            return
-        if value <= 0:
-            errors.add(where, f"must be > 0, got {value}")
-        elif upper is not None and value > upper:
-            errors.add(where, f"must be <= {upper:g}, got {value}")
-
-    positive(spec.lora.rank, "lora.rank", 4096)
-    positive(spec.lora.alpha, "lora.alpha")
-    if not 0 <= spec.lora.dropout < 1:
-        errors.add("lora.dropout", f"must be in [0, 1), got {spec.lora.dropout}")
-    tr = spec.training
-    positive(tr.epochs, "training.epochs", 100)
-    positive(tr.batch_size, "training.batch_size", 4096)
-    positive(tr.grad_accum, "training.grad_accum", 4096)
-    positive(tr.lr, "training.lr", 1.0)
-    positive(tr.max_length, "training.max_length", 131072)
-    positive(tr.max_grad_norm, "training.max_grad_norm")
-    positive(tr.max_examples, "training.max_examples")
-    positive(tr.tokens_per_forward, "training.tokens_per_forward")
-    if tr.weight_decay < 0:
-        errors.add("training.weight_decay", f"must be >= 0, got {tr.weight_decay}")
-    ev = spec.evaluation
-    positive(ev.max_new_tokens, "evaluation.max_new_tokens", MAX_NEW_TOKENS_LIMIT)
-    positive(ev.batch_size, "evaluation.batch_size", 4096)
-    positive(ev.max_examples, "evaluation.max_examples")
-    positive(spec.reference.max_examples, "reference.max_examples")
-    positive(spec.reference.batch_size, "reference.batch_size", 4096)
-    if not spec.reference.file:
-        errors.add("reference.file", "missing")
     if spec.chat.raw_prompts and spec.chat.system_prompt:
         errors.add("chat.system_prompt", "has no effect with chat.raw_prompts: true")
-    from slmcl.training.strategies import STRATEGIES  # local: the registry imports torch lazily
 
-    if spec.strategy.name not in STRATEGIES:
-        errors.add("strategy.name", f"unknown strategy {spec.strategy.name!r} (known: {', '.join(sorted(STRATEGIES))})")
+    from slmcl.training.strategies import StrategyOptionError, validate_strategy_options  # local: see _strategy_names
+
+    try:  # the resolved spec records the options with the strategy's defaults filled in
+        options = validate_strategy_options(spec.strategy.name, spec.strategy.options)
+    except StrategyOptionError as exc:
+        errors.lines += [f"{path}: {message}" for path, message in exc.problems]
+        return spec
+    except SpecError as exc:  # the message names its field (strategy.name / strategy.options.<key>)
+        errors.add("", str(exc))
+        return spec
+    return dataclasses.replace(spec, strategy=dataclasses.replace(spec.strategy, options=options))
 
 
 def _check_files(spec: ExperimentSpec, errors: _Errors) -> None:

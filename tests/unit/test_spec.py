@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
+import typing
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from slmcl.errors import SpecError
+from slmcl.config.schema import render, spec_json_schema
 from slmcl.config.spec import (
     BUILTIN_TASKS,
     DATA_DIR_ENV,
@@ -18,9 +24,11 @@ from slmcl.config.spec import (
     MATH_INSTRUCTION,
     MULTIPLE_CHOICE_INSTRUCTION,
     ExperimentSpec,
+    TaskSpec,
     load_spec,
     spec_from_dict,
 )
+from slmcl.errors import SpecError
 
 REPO = Path(__file__).resolve().parents[2]
 ALL_TASKS = ["fomc", "scienceqa", "numgluecm"]
@@ -188,10 +196,11 @@ def test_check_files_false_skips_the_file_check(tmp_path: Path) -> None:
         ({"seeds": [1, 2, 1]}, "seeds: duplicate seeds"),
         ({"seeds": []}, "seeds: at least one seed"),
         ({"seeds": list(range(1000))}, "seeds: 1000 seeds is more than 64"),
-        ({"seeds": [-1]}, "seeds[0]: must be in [0, 2**32)"),
+        ({"seeds": [-1]}, "seeds[0]: must be >= 0, got -1"),
+        ({"seeds": [2**32]}, "seeds[0]: must be < 4294967296"),
         ({"lora": {"rank": 0}}, "lora.rank: must be > 0"),
         ({"lora": {"rank": -3}}, "lora.rank: must be > 0"),
-        ({"lora": {"dropout": 1.0}}, "lora.dropout: must be in [0, 1)"),
+        ({"lora": {"dropout": 1.0}}, "lora.dropout: must be < 1, got 1.0"),
         ({"training": {"lr": 0}}, "training.lr: must be > 0"),
         ({"training": {"lr": -1e-4}}, "training.lr: must be > 0"),
         ({"evaluation": {"max_new_tokens": 5000}}, "evaluation.max_new_tokens: must be <= 4096"),
@@ -256,6 +265,223 @@ def test_overrides_apply_dotted_keys(data: Path, tmp_path: Path) -> None:
     spec_file.write_text(f"data_dir: {data}\ntasks: [fomc]\n")
     spec = load_spec(spec_file, overrides={"training.max_examples": 32, "seeds": [5]})
     assert spec.training.max_examples == 32 and spec.seeds == [5]
+
+
+def test_overrides_reach_into_shorthands(data: Path, tmp_path: Path) -> None:
+    spec_file = tmp_path / "s.yaml"
+    spec_file.write_text(f"data_dir: {data}\nmodel: embedded\ntasks: [fomc, numgluecm]\n")
+    spec = load_spec(spec_file, overrides={"model.revision": "abc", "tasks[1].kind": "token_f1",
+                                           "training.lr": "1e-4"})
+    assert spec.model.name == EMBEDDED_MODEL and spec.model.revision == "abc"
+    assert spec.task("numgluecm").kind == "token_f1" and spec.task("numgluecm").instruction == MATH_INSTRUCTION
+    assert spec.training.lr == 1e-4
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        ({"training.lr.x": 1}, "--set training.lr.x: training.lr is 0.0002, not a section"),
+        ({"tasks.kind": "numeric"}, "--set tasks.kind: tasks is a list: index it"),
+        ({"tasks[5].kind": "numeric"}, "--set tasks[5].kind: tasks has 1 item(s), no [5]"),
+        ({"seeds[0]": 3}, "--set seeds[0]: seeds is not in the spec file"),
+        ({"training..lr": 1}, "--set training..lr: not a setting path"),
+        ({"": 1}, "not a setting path"),
+        ({"training.bogus": 1}, "training.bogus: unknown key"),
+        ({"nope.deeper": 1}, "nope: unknown key"),
+        ({"training.lr": "fast"}, "training.lr: expected a number, got 'fast'"),
+    ],
+)
+def test_bad_override_is_one_line_naming_the_path(overrides: dict[str, Any], expected: str, data: Path,
+                                                  tmp_path: Path) -> None:
+    spec_file = tmp_path / "s.yaml"
+    spec_file.write_text(f"data_dir: {data}\ntasks: [fomc]\ntraining: {{lr: 2.0e-4}}\n")
+    with pytest.raises(SpecError) as info:
+        load_spec(spec_file, overrides=overrides)
+    assert expected in str(info.value) and "\n" not in str(info.value)
+
+
+# -- registries ------------------------------------------------------------------------------
+
+
+def test_task_kind_is_checked_against_the_registry(data: Path, tmp_path: Path) -> None:
+    from slmcl.tasks.kinds import TASK_KINDS
+
+    ok = build(base_raw(data, tasks=[{"name": "fomc", "kind": "token_f1"}]), tmp_path)
+    assert ok.task("fomc").kind == "token_f1"
+    msg = spec_error(base_raw(data, tasks=["fomc", {"name": "fomc2", "kind": "numerc", "train_file": "a",
+                                                      "test_file": "b"}]), tmp_path)
+    assert "tasks[1].kind: unknown task kind 'numerc'. Did you mean 'numeric'?" in msg
+    assert all(k in msg for k in TASK_KINDS.names())
+    with pytest.raises(ValueError, match="unknown task kind"):
+        TaskSpec(name="x", kind="nope")
+
+
+def test_strategy_options_are_checked_at_load(data: Path, tmp_path: Path) -> None:
+    msg = spec_error(base_raw(data, strategy={"name": "lora", "options": {"rank": 4}}), tmp_path)
+    assert "strategy.options.rank:" in msg
+    msg = spec_error(base_raw(data, strategy={"name": "l2-anchr"}), tmp_path)
+    assert "strategy.name: unknown strategy 'l2-anchr'. Did you mean 'l2-anchor'?" in msg
+
+
+def test_strategy_defaults_are_recorded_and_round_trip(data: Path, tmp_path: Path) -> None:
+    from slmcl.training.strategies import validate_strategy_options
+
+    spec = build(base_raw(data, strategy={"name": "l2-anchor"}), tmp_path)
+    assert spec.strategy.options == validate_strategy_options("l2-anchor", {}) != {}
+    assert spec_from_dict(json.loads(spec.to_json()), environ={}) == spec
+
+
+# -- the classes -----------------------------------------------------------------------------
+
+
+def test_replace_keeps_working_and_validates(data: Path, tmp_path: Path) -> None:
+    spec = build(base_raw(data), tmp_path)
+    cuda = dataclasses.replace(spec, device="cuda")
+    assert cuda.device == "cuda" and cuda.tasks == spec.tasks and spec.device == "auto"
+    with pytest.raises(ValueError, match="device"):
+        dataclasses.replace(spec, device="tpu")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.device = "cpu"  # type: ignore[misc]  # the point: frozen
+
+
+def test_empty_sections_mean_defaults(data: Path, tmp_path: Path) -> None:
+    spec_file = tmp_path / "s.yaml"
+    spec_file.write_text(f"data_dir: {data}\nmodel:\ntasks: [fomc]\ntraining:\nchat:\n")
+    spec = load_spec(spec_file)
+    assert spec.training.lr == 5e-5 and spec.model.name == EMBEDDED_MODEL
+
+
+def test_type_errors_do_not_hide_errors_across_fields(data: Path, tmp_path: Path) -> None:
+    msg = spec_error(base_raw(data, training={"lr": "abc"}, orders=[["fomc", "nope"]]), tmp_path)
+    assert "training.lr: expected a number" in msg and "orders[0]: unknown task 'nope'" in msg
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        ({"lora": {"target_modules": 3}}, "lora.target_modules: expected a string or a list, got 3"),
+        ({"lora": {"target_modules": ["q_proj", 3]}}, "lora.target_modules[1]: expected a string, got 3"),
+        ({"model": 5}, "model: expected a name or a mapping, got 5"),
+        ({"tasks": ["fomc", 5]}, "tasks[1]: expected a name or a mapping, got 5"),
+        ({"tasks": "fomc"}, "tasks: expected a list, got 'fomc'"),
+        ({"model": {"dtype": "fp8"}}, "model.dtype: must be one of 'auto', 'float32', 'bfloat16' or 'float16'"),
+        ({"training": {"lr": float("inf")}}, "training.lr: must be a finite number"),
+        ({"chat": {"template_kwargs": {1: "x"}}}, "chat.template_kwargs: keys must be strings, got 1"),
+        ({"lora": {5: 1}}, "lora: unknown key 5 (known: alpha, bias"),
+        ({"reference": {"file": ""}}, "reference.file: must not be empty"),
+        ({"seeds": [True]}, "seeds[0]: expected an integer, got True"),
+    ],
+)
+def test_more_bad_fields_are_named(extra: dict[str, Any], expected: str, data: Path, tmp_path: Path) -> None:
+    assert expected in spec_error(base_raw(data, **extra), tmp_path)
+
+
+# -- random wrong types ------------------------------------------------------------------------
+
+_SCALARS: dict[type, Any] = {
+    int: st.integers(-5, 5),
+    float: st.floats(allow_nan=False, allow_infinity=False).filter(lambda x: not x.is_integer()),
+    bool: st.booleans(),
+    str: st.text(max_size=5).filter(lambda t: not _parses_as_float(t)),
+    list: st.lists(st.integers(), max_size=2),
+    dict: st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+}
+
+
+def _parses_as_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _accepted(tp: Any) -> set[type]:
+    """The Python types a field's annotation lets through (an int counts as a float, a str as a Literal)."""
+    if typing.get_origin(tp) is typing.Annotated:
+        return _accepted(typing.get_args(tp)[0])
+    if typing.get_origin(tp) is typing.Literal:
+        return {str}  # a wrong str is still wrong for a Literal, but not a wrong *type*
+    args = typing.get_args(tp)
+    if args and typing.get_origin(tp) not in (list, dict):
+        return set().union(*(_accepted(a) for a in args))
+    origin = typing.get_origin(tp) or tp
+    return {origin, int} if origin is float else {origin}
+
+
+def _leaf_fields() -> list[tuple[str, str, set[type]]]:
+    """(section, field, accepted types) of every plain-data field of the sections."""
+    out = []
+    hints = typing.get_type_hints(ExperimentSpec)
+    for f in dataclasses.fields(ExperimentSpec):
+        cls = hints[f.name]
+        if dataclasses.is_dataclass(cls):
+            fields = typing.get_type_hints(cls, include_extras=True)
+            out += [(f.name, name, _accepted(tp)) for name, tp in fields.items()]
+    for name, tp in typing.get_type_hints(TaskSpec, include_extras=True).items():
+        out.append(("tasks[0]", name, _accepted(tp)))
+    for name in ("name", "data_dir", "seeds", "orders", "device", "output_dir"):
+        out.append(("", name, _accepted(typing.get_type_hints(ExperimentSpec, include_extras=True)[name])))
+    return out
+
+
+LEAVES = _leaf_fields()
+
+
+@st.composite
+def wrong_value(draw: st.DrawFn, accepted: set[type]) -> Any:
+    """A value of a type the field does not take (True is no integer here: the spec is strict)."""
+    return draw(st.one_of(*(strategy for t, strategy in _SCALARS.items() if t not in accepted)))
+
+
+@pytest.mark.parametrize("section, name, accepted", LEAVES, ids=[f"{s}.{n}".lstrip(".") for s, n, _ in LEAVES])
+@settings(max_examples=12, deadline=None)
+@given(data=st.data())
+def test_a_wrong_type_anywhere_is_a_spec_error_naming_the_field(section: str, name: str, accepted: set[type],
+                                                                data: st.DataObject) -> None:
+    value = data.draw(wrong_value(accepted))
+    raw: dict[str, Any] = {"data_dir": str(REPO), "tasks": ["fomc"]}
+    if section == "tasks[0]":
+        raw["tasks"] = [{"name": "mine", "train_file": "a.json", "test_file": "b.json", name: value}]
+    elif section:
+        raw[section] = {name: value}
+    else:
+        raw[name] = value
+    path = f"{section}.{name}" if section else name
+    with pytest.raises(SpecError) as info:
+        spec_from_dict(raw, base_dir=REPO, environ={}, check_files=False)
+    assert f"{path}:" in str(info.value) or f"{path}[" in str(info.value), (path, value, str(info.value))
+
+
+# -- JSON Schema -------------------------------------------------------------------------------
+
+
+def test_committed_schema_is_the_generated_one() -> None:
+    committed = (REPO / "docs" / "spec.schema.json").read_text(encoding="utf-8")
+    assert committed == render(), "stale: run python -m slmcl.config.schema > docs/spec.schema.json"
+
+
+@pytest.mark.parametrize("example", sorted((REPO / "examples").glob("*.yaml")), ids=lambda p: p.name)
+def test_examples_validate(example: Path, data: Path) -> None:
+    raw = yaml.safe_load(example.read_text(encoding="utf-8"))
+    jsonschema.Draft202012Validator(spec_json_schema()).validate(raw)
+    spec = spec_from_dict(raw, base_dir=example.parent, environ={DATA_DIR_ENV: str(data)}, source=str(example))
+    assert spec.tasks and spec.orders
+
+
+def test_schema_rejects_what_the_loader_rejects() -> None:
+    validator = jsonschema.Draft202012Validator(spec_json_schema())
+    jsonschema.Draft202012Validator.check_schema(spec_json_schema())
+    for bad in ({"bogus": 1}, {"lora": {"rank": 0}}, {"tasks": [{"name": "x", "kind": "nope"}]},
+                {"training": {"lr": True}}, {"strategy": {"name": "nope"}}, {"model": 5}):
+        assert not validator.is_valid(bad), bad
+    assert validator.is_valid({"model": "embedded", "tasks": ["fomc", {"name": "mine", "kind": "numeric"}]})
+
+
+def test_schema_module_prints_it() -> None:
+    proc = subprocess.run([sys.executable, "-m", "slmcl.config.schema"], capture_output=True, text=True,
+                          cwd=REPO, check=True, timeout=60)
+    assert json.loads(proc.stdout) == spec_json_schema()
 
 
 # -- round trip ------------------------------------------------------------------------------
