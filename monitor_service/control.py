@@ -11,19 +11,14 @@ queues, live state and the event streams that ``slmcl watch`` reads.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
-import os
-import shutil
-import tempfile
 import socket
 import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import redis
@@ -33,27 +28,26 @@ from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 
 from monitor_service.evaluators import EvaluatorPool
+from monitor_service.stages import MAX_REQUESTS_IN_FLIGHT, BaseRowsCache, RemoteEvaluator
 from service_common import keys
-from service_common.datasets import localize, map_paths, parse_spec_json, sha256_hex, spec_paths
-from service_common.s3_store import PrefixedStore
+from service_common.datasets import map_paths, parse_spec_json, sha256_hex, spec_paths
+from service_common.run_queue import enqueue_run
 from service_common.settings import Settings
-from slmcl.tasks.data import load_examples
-from slmcl.models.engine import Engine
-from slmcl.errors import DataError, NotFoundError, SpecError
-from slmcl.protocol.results import (
-    StageRecord,
-    checkpoint_prefix,
-    predictions_key,
-    read_stages,
-    run_id,
-    stage_key,
-    write_predictions,
-    write_stage,
-    write_tables,
-)
 from slmcl.config.spec import ExperimentSpec, spec_from_dict
-from slmcl.storage.local import ArtifactStore, get_dir
-from slmcl_api.v1 import evaluator_pb2
+from slmcl.errors import DataError, NotFoundError, SpecError
+from slmcl.protocol import layout
+from slmcl.protocol.layout import run_id
+from slmcl.protocol.stages import (
+    ResultsTree,
+    base_runs_missing,
+    commit_base,
+    commit_stage,
+    expected_records,
+    measure,
+)
+from slmcl.storage.local import ArtifactStore
+from slmcl.storage.prefixed import PrefixedStore
+from slmcl.tasks.data import load_examples
 
 log = logging.getLogger(__name__)
 
@@ -74,14 +68,16 @@ class Control:
         self.redis = r
         self.pool = pool
         self.queue = Queue(settings.queue, connection=r, serializer=JSONSerializer)
-        self._engines: dict[str, Engine] = {}
-        self._engine_lock = threading.Lock()
         # Stages commit on several threads; reading the records and writing the tables from them
         # must be one step, or a stale reader overwrites the final tables after experiment_done.
         self._tables_lock = threading.Lock()
         self._specs: dict[str, ExperimentSpec] = {}
         self._stop = threading.Event()
-        self._stages = ThreadPoolExecutor(max_workers=4, thread_name_prefix="stage")
+        # Stage handlers wait on evaluation requests, which run on their own executor: a backlog of
+        # stages can never take the threads its own requests need (the pool decides how many run at once).
+        self._stages = ThreadPoolExecutor(max_workers=settings.monitor_stage_workers, thread_name_prefix="stage")
+        self._requests = ThreadPoolExecutor(max_workers=MAX_REQUESTS_IN_FLIGHT, thread_name_prefix="eval-request")
+        self._base_rows = BaseRowsCache()
         self._threads: list[threading.Thread] = []
         self.consumer = f"monitor-{socket.gethostname()}"
 
@@ -97,7 +93,8 @@ class Control:
             if sha256_hex(f.content) != f.sha256:
                 raise DataError(f"files: content of {f.path} does not match its sha256")
         rewrite: dict[str, str] = {}
-        for field_name, path in spec_paths(spec):
+        uploads: list[tuple[str, bytes]] = []
+        for field_name, path in spec_paths(spec):  # everything checked before anything is written
             if path.startswith(keys.STORE_PREFIX):
                 if not self.store.exists(path[len(keys.STORE_PREFIX):]):
                     raise SpecError(f"{field_name}: {path} is not in the store")
@@ -106,18 +103,20 @@ class Control:
             if f is None:
                 raise SpecError(f"{field_name}: the file {path} was not sent with the spec (files)")
             self._check_dataset(field_name, f)
-            key = keys.dataset_key(f.sha256)
-            if not self.store.exists(key):
-                self.store.put_bytes(key, f.content)
+            key = layout.dataset_key(f.sha256)
+            uploads.append((key, f.content))
             rewrite[path] = keys.STORE_PREFIX + key
         stored_spec = map_paths(spec, lambda p: rewrite.get(p, p))
         exp_id = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
         if client_request_id and not self.redis.set(keys.request_key(client_request_id), exp_id, nx=True):
             return self.redis.get(keys.request_key(client_request_id)).decode()  # a concurrent twin won
+        for key, content in uploads:
+            if not self.store.exists(key):
+                self.store.put_bytes(key, content)
         now = time.time()
-        prefix = keys.experiment_prefix(exp_id)
-        self.store.put_bytes(f"{prefix}/spec.json", stored_spec.to_json().encode())
-        self.store.put_bytes(f"{prefix}/experiment.json", json.dumps(
+        tree = self.tree(exp_id)
+        tree.store.put_bytes(layout.SPEC_JSON, stored_spec.to_json().encode())
+        tree.store.put_bytes(layout.EXPERIMENT_JSON, json.dumps(
             {"id": exp_id, "name": spec.name, "client_request_id": client_request_id, "created_at": now}).encode())
         self.redis.hset(keys.experiment_hash(exp_id), mapping={
             "state": "queued", "error": "", "name": spec.name, "model": spec.model.name, "created_at": now,
@@ -125,9 +124,14 @@ class Control:
         self.redis.zadd(keys.EXPERIMENTS_ZSET, {exp_id: now})
         self._specs[exp_id] = stored_spec
         self.event(exp_id, "experiment_started", data={"runs": len(spec.orders) * len(spec.seeds)})
-        for order in stored_spec.orders:
-            for seed in stored_spec.seeds:
-                self._enqueue(exp_id, order, seed)
+        try:
+            for order in stored_spec.orders:
+                for seed in stored_spec.seeds:
+                    enqueue_run(self.queue, exp_id, order, seed)
+        except Exception as exc:  # never a phantom "queued" experiment: it failed, and says why
+            log.exception("experiment %s: enqueueing its runs failed", exp_id)
+            self._fail(exp_id, f"could not enqueue its runs: {type(exc).__name__}: {exc}")
+            raise
         self._set_state(exp_id, "running")
         threading.Thread(target=self._guard, args=(exp_id, self._base_stage, exp_id), daemon=True,
                          name=f"base-{exp_id}").start()
@@ -145,16 +149,10 @@ class Control:
             except DataError as exc:
                 raise DataError(f"{field_name} ({f.path}): {str(exc).split(': ', 1)[-1]}") from None
 
-    def _enqueue(self, exp_id: str, order: list[str], seed: int) -> None:
-        from trainer_service.enqueue import enqueue_run
-
-        enqueue_run(self.queue, exp_id, order, seed)
-
     def spec(self, exp_id: str) -> ExperimentSpec:
         if exp_id not in self._specs:
-            key = f"{keys.experiment_prefix(exp_id)}/spec.json"
             try:
-                raw = json.loads(self.store.get_bytes(key))
+                raw = json.loads(self.tree(exp_id).store.get_bytes(layout.SPEC_JSON))
             except NotFoundError:
                 raise NotFoundError(f"no experiment {exp_id!r}") from None
             self._specs[exp_id] = spec_from_dict(raw, check_files=False)
@@ -168,8 +166,7 @@ class Control:
         if not h:
             raise NotFoundError(f"no experiment {exp_id!r}")
         spec = self.spec(exp_id)
-        results = PrefixedStore(self.store, keys.experiment_prefix(exp_id))
-        trained = {k[len("runs/"):] for k in results.list_keys("runs")}  # "<run_id>/trained-<k>.json", ...
+        trained = {k[len("runs/"):] for k in self.tree(exp_id).store.list_keys(layout.runs_prefix())}  # "<run_id>/trained-<k>.json", ...
         runs = []
         for order in spec.orders:
             for seed in spec.seeds:
@@ -240,131 +237,55 @@ class Control:
         self._set_state(exp_id, "cancelled")
         self.event(exp_id, "experiment_cancelled")
 
-    # ------------------------------------------------------------------ engines
-    def engine(self, spec: ExperimentSpec) -> Engine:
-        """The monitor's resident model for drift (loaded once per base model and LoRA shape)."""
-        if spec.device == "auto":
-            spec = dataclasses.replace(spec, device=self.settings.device)
-        key = Engine.resident_key(spec)
-        if key not in self._engines:
-            self._engines[key] = Engine(spec)
-        engine = self._engines[key]
-        engine.use_spec(spec)
-        return engine
+    # ------------------------------------------------------------------ measuring and committing
+    def tree(self, exp_id: str) -> ResultsTree:
+        return ResultsTree(PrefixedStore(self.store, layout.experiment_prefix(exp_id)))
 
-    def _local_spec(self, exp_id: str) -> ExperimentSpec:
-        return localize(self.spec(exp_id), self.store, self.settings.work_dir)
+    def _evaluator(self, exp_id: str, spec: ExperimentSpec) -> RemoteEvaluator:
+        def on_served(replicas: list[str]) -> None:
+            self.redis.hincrby("slmcl:replica-requests", ",".join(replicas), 1)
+            for rep in replicas:
+                self.redis.hincrby("slmcl:replica-served", rep, 1)
 
-    # ------------------------------------------------------------------ stage 0: the base
+        return RemoteEvaluator(self.pool, self._requests, exp_id, spec, self.settings.eval_shards_per_task,
+                               base_rows=lambda: self._base_rows.get(exp_id), on_served=on_served)
+
+    def _progress(self, exp_id: str, rid: str, step: int) -> Any:
+        def cb(task: str, done: int, total: int) -> None:
+            self.event(exp_id, "eval_progress", rid, step, task, {"done": done, "total": total})
+        return cb
+
     def _base_stage(self, exp_id: str) -> None:
-        """Base accuracy (on the evaluators, once per model/task data/decoding) and base drift."""
-        spec = self._local_spec(exp_id)
-        results = PrefixedStore(self.store, keys.experiment_prefix(exp_id))
-        scores: dict[str, dict[str, Any]] = {}
-        with self._engine_lock:
-            eval_keys = {t.name: self.engine(spec).base_eval_key(t) for t in spec.tasks}
-        futures = {}
-        for task in spec.tasks:
-            cache_key = f"cache/base-eval/{eval_keys[task.name]}.json"
-            if self.store.exists(cache_key):
-                cached = json.loads(self.store.get_bytes(cache_key))
-                scores[task.name] = cached["score"]
-                write_predictions(results, predictions_key("base", 0, task.name), cached["predictions"])
-                continue
-            futures[task.name] = self._stages.submit(self._evaluate_task, exp_id, "", task.name, "", 0)
-        with self._engine_lock:  # p_0 while the evaluators work (a first experiment: nothing cached yet)
-            base_stab = self.engine(spec).stability(self.store, base=True).as_dict()
-        base_eval_seconds = 0.0
-        for name, fut in futures.items():
-            score, preds, seconds = fut.result()
-            base_eval_seconds += seconds
-            scores[name] = score
-            write_predictions(results, predictions_key("base", 0, name), preds)
-            self.store.put_bytes(f"cache/base-eval/{eval_keys[name]}.json",
-                                 json.dumps({"score": score, "predictions": preds}).encode())
-            self.event(exp_id, "base_evaluated", task=name, data=score)
-        for order in spec.orders:
-            for seed in spec.seeds:
-                rid = run_id(order, seed)
-                if not results.exists(stage_key(rid, 0)):
-                    write_stage(results, StageRecord(rid, order, seed, 0, "base", spec.model.name, scores, base_stab,
-                                                     timing={"eval_seconds": base_eval_seconds}))
-                self._stage_committed(exp_id, rid, 0, "base", scores, base_stab)
+        """Stage 0 of every run: the base evaluated (cached by the evaluators) and its drift rows."""
+        spec, tree = self.spec(exp_id), self.tree(exp_id)
+        if not base_runs_missing(tree, spec):
+            return
+        evaluator = self._evaluator(exp_id, spec)
+        m = measure(evaluator, None, spec.tasks, self._progress(exp_id, "", 0))
+        for r in m.results:
+            self.event(exp_id, "base_evaluated", task=r.task, data=r.score)
+        for rid in commit_base(tree, spec, m):
+            self._stage_committed(exp_id, rid, 0, "base", m.scores, m.stability)
         self._maybe_finish(exp_id)
 
-    # ------------------------------------------------------------------ stages 1..K
-    def _evaluate_task(self, exp_id: str, rid: str, task: str, ckpt: str, step: int
-                       ) -> tuple[dict[str, Any], list[dict[str, Any]], float]:
-        spec_json = self.spec(exp_id).to_json()
-        shards = max(1, self.settings.eval_shards_per_task)
-        prefix = f"{keys.experiment_prefix(exp_id)}/{ckpt}" if ckpt else ""
-
-        def one(i: int) -> evaluator_pb2.EvaluateResult:
-            def progress(done: int, total: int) -> None:
-                self.event(exp_id, "eval_progress", rid, step, task, {"done": done, "total": total, "shard": i})
-
-            req = evaluator_pb2.EvaluateRequest(experiment_id=exp_id, spec_json=spec_json, checkpoint_prefix=prefix,
-                                                task=task, shard_index=i, shard_count=shards)
-            return self.pool.evaluate(req, on_progress=progress)
-
-        if shards == 1:
-            parts = [one(0)]
-        else:
-            with ThreadPoolExecutor(max_workers=shards) as ex:
-                parts = list(ex.map(one, range(shards)))
-        correct = sum(p.score.correct for p in parts)
-        total = sum(p.score.total for p in parts)
-        preds = sorted((_pred_dict(x) for p in parts for x in p.predictions), key=lambda d: d["index"])
-        self.redis.hincrby("slmcl:replica-requests", ",".join(sorted({p.replica_id for p in parts})), 1)
-        for p in parts:
-            self.redis.hincrby("slmcl:replica-served", p.replica_id, 1)
-        score = {"accuracy": correct / total if total else 0.0, "correct": correct, "total": total}
-        return score, preds, sum(p.seconds for p in parts)
-
     def process_stage(self, fields: dict[str, str]) -> None:
-        exp_id, rid, step, task = fields["experiment_id"], fields["run_id"], int(fields["step"]), fields["task"]
-        order, seed, ckpt = json.loads(fields["order"]), int(fields["seed"]), fields["checkpoint"]
-        if not self.exists(exp_id) or self.state(exp_id) in ("cancelled", "failed"):
+        """One announced stage: measure its checkpoint on the evaluators and commit its record (once)."""
+        exp_id, rid, step = fields["experiment_id"], fields["run_id"], int(fields["step"])
+        if not self.exists(exp_id) or self.state(exp_id) in TERMINAL:
             return
-        results = PrefixedStore(self.store, keys.experiment_prefix(exp_id))
-        if results.exists(stage_key(rid, step)):
+        spec, tree = self.spec(exp_id), self.tree(exp_id)
+        if tree.is_committed(rid, step):
             return  # already committed (a redelivered event)
-        spec = self._local_spec(exp_id)
+        trained = tree.read_trained(rid, step)
         self.redis.hset(keys.experiment_hash(exp_id), f"run:{rid}:state", "training")
-        futures = {t.name: self._stages.submit(self._evaluate_task, exp_id, rid, t.name, ckpt, step)
-                   for t in spec.tasks}
-        # Drift while the evaluators work: the adapter into the monitor's resident model.
-        local = Path(self.settings.work_dir) / "adapters" / exp_id / ckpt
-        if not (local / "adapter_model.safetensors").is_file():
-            local.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(dir=local.parent, prefix=f".{local.name}-"))
-            try:  # complete or absent: a crash mid-download leaves no half adapter behind
-                get_dir(results, ckpt, tmp)
-                shutil.rmtree(local, ignore_errors=True)
-                os.rename(tmp, local)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-        with self._engine_lock:
-            t_stab = time.perf_counter()
-            engine = self.engine(spec)
-            engine.load_adapter(local)
-            stab = engine.stability(self.store).as_dict()
-            stab_seconds = time.perf_counter() - t_stab
-        scores, eval_seconds = {}, 0.0
-        for name, fut in futures.items():
-            score, preds, seconds = fut.result()
-            scores[name] = score
-            eval_seconds += seconds
-            write_predictions(results, predictions_key(rid, step, name), preds)
-        trained = json.loads(results.get_bytes(keys.trained_key(rid, step)))
-        train = trained.get("train", {})
-        rec = StageRecord(rid, order, seed, step, task, spec.model.name, scores, stab, train=train,
-                          checkpoint=checkpoint_prefix(rid, step),
-                          timing={"train_seconds": float(train.get("seconds", 0.0)), "eval_seconds": eval_seconds,
-                                  "stability_seconds": stab_seconds})
-        write_stage(results, rec)
-        self._stage_committed(exp_id, rid, step, task, scores, stab)
-        if step == len(order):
+        if self._base_rows.get(exp_id) is None:  # the base's rows, once per experiment (deltas need them)
+            self._base_rows.put(exp_id, self._evaluator(exp_id, spec).drift_rows(None))
+        m = measure(self._evaluator(exp_id, spec), trained.checkpoint, spec.tasks, self._progress(exp_id, rid, step))
+        if self.state(exp_id) in TERMINAL:
+            return  # cancelled or failed while it was measured: nothing is committed after the end
+        rec = commit_stage(tree, spec, trained, m)
+        self._stage_committed(exp_id, rid, step, rec.checkpoint_task, m.scores, m.stability)
+        if step == len(trained.order):
             self.redis.hset(keys.experiment_hash(exp_id), f"run:{rid}:state", "done")
         self._maybe_finish(exp_id)
 
@@ -373,13 +294,10 @@ class Control:
         self.event(exp_id, "stage_done", rid, step, task, {"scores": scores, "stability": stab})
 
     def _maybe_finish(self, exp_id: str) -> None:
-        spec = self.spec(exp_id)
-        results = PrefixedStore(self.store, keys.experiment_prefix(exp_id))
-        expected = sum(len(o) + 1 for o in spec.orders) * len(spec.seeds)
+        spec, tree = self.spec(exp_id), self.tree(exp_id)
         with self._tables_lock:
-            records = read_stages(results)
-            write_tables(results, records)
-            if len(records) >= expected and self.state(exp_id) == "running":
+            records = tree.write_tables()
+            if len(records) >= expected_records(spec) and self.state(exp_id) == "running":
                 self._set_state(exp_id, "succeeded")
                 self.event(exp_id, "experiment_done")
 
@@ -411,14 +329,13 @@ class Control:
         # Experiments whose base stage did not finish before a restart.
         for exp_id in self.list_ids():
             if self.state(exp_id) == "running":
-                spec = self.spec(exp_id)
-                results = PrefixedStore(self.store, keys.experiment_prefix(exp_id))
-                if not all(results.exists(stage_key(run_id(o, s), 0)) for o in spec.orders for s in spec.seeds):
+                if base_runs_missing(self.tree(exp_id), self.spec(exp_id)):
                     threading.Thread(target=self._guard, args=(exp_id, self._base_stage, exp_id), daemon=True).start()
 
     def stop(self) -> None:
         self._stop.set()
         self._stages.shutdown(wait=False, cancel_futures=True)
+        self._requests.shutdown(wait=False, cancel_futures=True)
 
     def _consume_stages(self) -> None:
         backlog = True  # first our own unacknowledged entries (a restart), then new ones
@@ -478,12 +395,6 @@ class Control:
                     self.redis.hset(keys.experiment_hash(exp_id), mapping={f"run:{rid}:state": "failed",
                                                                            f"run:{rid}:error": message})
                     self._fail(exp_id, f"run {rid}: {message}")
-
-
-def _pred_dict(p: Any) -> dict[str, Any]:
-    return {"index": p.index, "prompt": p.prompt, "gold": p.gold, "gold_normalized": p.gold_normalized,
-            "prediction": p.prediction, "raw_output": p.raw_output, "hit_max_tokens": p.hit_max_tokens,
-            "correct": p.correct, "new_tokens": p.new_tokens}
 
 
 __all__ = ["Control", "SubmittedFile", "TERMINAL"]

@@ -8,11 +8,11 @@ from typing import Any, Iterator
 import grpc
 
 from monitor_service.control import Control, SubmittedFile
-from service_common import keys
 from service_common.grpc_server import rpc, rpc_stream
-from service_common.s3_store import PrefixedStore
 from slmcl.errors import NotFoundError
-from slmcl.protocol.results import checkpoint_prefix
+from slmcl.protocol import layout
+from slmcl.protocol.layout import checkpoint_prefix
+from slmcl.storage.prefixed import PrefixedStore
 from slmcl_api.v1 import common_pb2, monitor_pb2, monitor_pb2_grpc
 
 CHUNK = 1 << 20
@@ -39,7 +39,8 @@ def event_pb(exp_id: str, eid: str, f: dict[str, str], state: str) -> monitor_pb
         data = json.loads(ev.data_json)
         ev.stage.CopyFrom(monitor_pb2.StageResult(
             run_id=ev.run_id, step=ev.step, checkpoint_task=ev.task,
-            scores=[common_pb2.TaskScore(task=t, accuracy=s["accuracy"], correct=s["correct"], total=s["total"])
+            scores=[common_pb2.TaskScore(task=t, accuracy=s["accuracy"], correct=s["correct"], total=s["total"],
+                                         score_sum=s.get("score_sum", s["correct"]))
                     for t, s in data["scores"].items()],
             stability=common_pb2.Stability(
                 num_reference_examples=int(data["stability"].get("num_reference_examples", 0)),
@@ -94,7 +95,7 @@ class MonitorServicer(monitor_pb2_grpc.MonitorServicer):
     @rpc_stream
     def GetResults(self, request: monitor_pb2.GetResultsRequest, context: grpc.ServicerContext) -> Any:
         self.control.experiment(request.id)  # NOT_FOUND for an unknown id
-        results = PrefixedStore(self.control.store, keys.experiment_prefix(request.id))
+        results = PrefixedStore(self.control.store, layout.experiment_prefix(request.id))
         names = [k for k in results.list_keys("")
                  if request.include_checkpoints or not k.startswith("checkpoints/")]
         yield from file_chunks(results, [(k, k) for k in names])
@@ -102,7 +103,7 @@ class MonitorServicer(monitor_pb2_grpc.MonitorServicer):
     @rpc_stream
     def GetCheckpoint(self, request: monitor_pb2.GetCheckpointRequest, context: grpc.ServicerContext) -> Any:
         self.control.experiment(request.id)
-        results = PrefixedStore(self.control.store, keys.experiment_prefix(request.id))
+        results = PrefixedStore(self.control.store, layout.experiment_prefix(request.id))
         prefix = checkpoint_prefix(request.run_id, request.step)
         names = results.list_keys(prefix)
         if not any(n.endswith("adapter_model.safetensors") for n in names):

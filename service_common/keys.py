@@ -1,20 +1,8 @@
-"""The one place that names where things live, in the object store and in Redis.
+"""The names of things in Redis (live state and queues only).
 
-Object store (bucket ``$SLMCL_S3_BUCKET``), the source of truth:
+Keys of the object store, the source of truth, are the core's: ``slmcl.protocol.layout`` (everything
+under ``experiments/<id>/`` is the results tree of ``slmcl run``; datasets and caches beside it).
 
-    datasets/<sha256>.json                               dataset files, content-addressed
-    experiments/<id>/experiment.json                     id, name, client request id, created_at
-    experiments/<id>/spec.json                           the resolved spec (dataset paths are store: keys)
-    experiments/<id>/checkpoints/<run_id>/step-<k>/      PEFT adapter (adapter_config.json, adapter_model.safetensors)
-    experiments/<id>/runs/<run_id>/trained-<k>.json      training record of stage k (losses, tokens, seconds)
-    experiments/<id>/runs/<run_id>/stage-<k>.json        committed stage record (scores + stability), as in `slmcl run`
-    experiments/<id>/predictions/<run_id>/step-<k>/<task>.jsonl
-    experiments/<id>/{scores.csv,stability.csv,train_loss.csv,summary.json}
-    experiments/<id>/cache/...                           base evaluation and base distributions
-
-Everything under ``experiments/<id>/`` is the results directory of ``slmcl run``.
-
-Redis (live state and queues only):
 
     slmcl:experiments                 sorted set of experiment ids by creation time
     slmcl:experiment:<id>             hash: state, error, updated_at
@@ -32,18 +20,6 @@ STORE_PREFIX = "store:"  # dataset paths in a service spec: "store:datasets/<sha
 EXPERIMENTS_ZSET = "slmcl:experiments"
 STAGE_EVENTS_STREAM = "slmcl:stage-events"
 MONITOR_GROUP = "monitor"
-
-
-def dataset_key(sha256: str) -> str:
-    return f"datasets/{sha256}.json"
-
-
-def experiment_prefix(exp_id: str) -> str:
-    return f"experiments/{exp_id}"
-
-
-def trained_key(run_id: str, step: int) -> str:
-    return f"runs/{run_id}/trained-{step}.json"
 
 
 def experiment_hash(exp_id: str) -> str:

@@ -1,4 +1,7 @@
-"""Enqueueing a run for the trainers (the monitor's side; light: no torch, no model code)."""
+"""Enqueueing a run for the trainers: the monitor's side of the queue (Redis and RQ only: no torch, no trainer code).
+
+The job is named by its dotted path, so the monitor never imports the trainer package that runs it.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
 from service_common import keys
-from slmcl.protocol.results import run_id
+from slmcl.protocol.layout import run_id
 
 TRAIN_FUNC = "trainer_service.jobs.train_run"
 JOB_TIMEOUT = 24 * 3600

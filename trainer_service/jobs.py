@@ -1,13 +1,12 @@
 """The trainer's one RQ job: train one run (order, seed) of an experiment, stage after stage.
 
-``train_run`` resumes from the store (the source of truth), so a job re-run after a crash
-continues exactly where the last *published* stage left off and trains bit-identically to
-``slmcl run``: the same ``Engine.train`` call, with per-stage seeding inside it.
+The training loop, the resume rule and the records are the core's stage protocol
+(``slmcl.protocol.stages.train_run``), the same call ``slmcl run`` makes, so a job re-run after a
+crash continues after the last trained stage and trains bit-identically to the embedded mode.
+This module adds what a worker needs around it: the resident model, cancellation and shutdown
+checks, progress events, and the notice that announces each trained stage to the monitor:
 
-Per stage k, in this order (the record is the commit point, the event only announces it):
-
-1. the adapter  ``experiments/<id>/checkpoints/<run_id>/step-<k>/``  is uploaded;
-2. the record   ``experiments/<id>/runs/<run_id>/trained-<k>.json``  is written;
+1. the adapter and 2. the training record are written by the protocol;
 3. the notice   ``XADD slmcl:stage-events``  is published, at most once per (experiment, run, k)
    (an atomic script sets ``slmcl:stage-published:<id>`` with it), so a resumed job republishes
    only a notice that a crash between 2 and 3 lost, and a duplicate job never announces twice.
@@ -23,8 +22,6 @@ import gc
 import json
 import logging
 import math
-import shutil
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -34,14 +31,16 @@ import redis
 
 from service_common import keys
 from service_common.datasets import localize
-from service_common.s3_store import S3Store
+from service_common.s3_store import PrefixedStore, S3Store
 from service_common.settings import Settings
 from slmcl.models.engine import Engine
 from slmcl.errors import CancelledError, SlmclError
-from slmcl.protocol.results import checkpoint_prefix
-from slmcl.protocol.results import run_id as make_run_id
+from slmcl.protocol import layout
+from slmcl.protocol.records import TrainedStage
+from slmcl.protocol import stages as protocol
+from slmcl.protocol.stages import ResultsTree, RunHooks
 from slmcl.config.spec import ExperimentSpec, spec_from_dict
-from slmcl.storage.local import ArtifactStore, get_dir, put_dir
+from slmcl.storage.local import ArtifactStore
 
 log = logging.getLogger("trainer_service")
 
@@ -158,7 +157,7 @@ def publish_stage(r: redis.Redis, experiment_id: str, run_id: str, order: list[s
         "task": order[step - 1],
         "order": json.dumps(order),
         "seed": str(seed),
-        "checkpoint": checkpoint_prefix(run_id, step),
+        "checkpoint": layout.checkpoint_prefix(run_id, step),
     }
     flat = [x for kv in fields.items() for x in kv]
     out = r.eval(_PUBLISH_STAGE_ONCE, 2, keys.stage_published_key(experiment_id), keys.STAGE_EVENTS_STREAM,
@@ -178,24 +177,11 @@ def _check_stop(r: redis.Redis, experiment_id: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------
-# Resume.
-
-
-def last_done_stage(store: ArtifactStore, exp_prefix: str, run_id: str, n_stages: int) -> int:
-    """The highest k whose adapter (config + weights) and trained-k.json are both in the store; 0 if none."""
-    run_keys = set(store.list_keys(f"{exp_prefix}/runs/{run_id}"))
-    ckpt_keys = set(store.list_keys(f"{exp_prefix}/checkpoints/{run_id}"))
-    for k in range(n_stages, 0, -1):
-        ckpt = f"{exp_prefix}/{checkpoint_prefix(run_id, k)}"
-        if (f"{exp_prefix}/{keys.trained_key(run_id, k)}" in run_keys
-                and f"{ckpt}/adapter_model.safetensors" in ckpt_keys
-                and f"{ckpt}/adapter_config.json" in ckpt_keys):
-            return k
-    return 0
+# The spec of an experiment, as this worker runs it.
 
 
 def load_spec(store: ArtifactStore, settings: Settings, experiment_id: str) -> ExperimentSpec:
-    raw = json.loads(store.get_bytes(f"{keys.experiment_prefix(experiment_id)}/spec.json"))
+    raw = json.loads(store.get_bytes(f"{layout.experiment_prefix(experiment_id)}/{layout.SPEC_JSON}"))
     spec = spec_from_dict(raw, check_files=False, source=f"experiments/{experiment_id}/spec.json")
     if settings.device != "auto":  # the worker's hardware decides (SLMCL_DEVICE)
         spec = dataclasses.replace(spec, device=settings.device)
@@ -217,7 +203,7 @@ def train_run(experiment_id: str, order: list[str], seed: int) -> dict[str, Any]
     """RQ job (JSON arguments): train the run (order, seed) of an experiment, resuming from the store."""
     settings = Settings()
     order, seed = [str(t) for t in order], int(seed)
-    rid = make_run_id(order, seed)
+    rid = layout.run_id(order, seed)
     r = redis.Redis.from_url(settings.redis_url)
     events = RunEvents(r, experiment_id, rid)
     try:
@@ -249,81 +235,57 @@ def _train_run(settings: Settings, r: redis.Redis, events: RunEvents, experiment
     t_job = time.perf_counter()
     _check_stop(r, experiment_id)
     store = S3Store.from_settings(settings)
-    exp = keys.experiment_prefix(experiment_id)
+    tree = ResultsTree(PrefixedStore(store, layout.experiment_prefix(experiment_id)))
     spec = load_spec(store, settings, experiment_id)
-    tasks = [spec.task(name) for name in order]  # SpecError on an unknown task, before the model loads
+    for name in order:
+        spec.task(name)  # SpecError on an unknown task, before the model loads
     engine, load_seconds = resident_engine(spec)
+    resumed_from = tree.last_trained(rid, len(order))
+    events.publish("run_started", {"order": order, "seed": seed, "resumed_from": resumed_from,
+                                   "stages": len(order), "model_load_seconds": load_seconds}, step=resumed_from)
+    if resumed_from:
+        log.info("%s: stages 1..%d already trained, resuming at %d", rid, resumed_from, resumed_from + 1)
+    last_sent = [0.0]
+    stage_t0 = [time.perf_counter()]
 
-    done = last_done_stage(store, exp, rid, len(order))
+    def on_stage_start(step: int, task: str) -> None:
+        events.step, events.task = step, task
+        stage_t0[0] = time.perf_counter()
+
+    def on_step(step: int, info: dict[str, Any]) -> None:
+        now = time.monotonic()
+        if now - last_sent[0] >= STEP_EVENT_INTERVAL or info.get("step") == info.get("total_steps"):
+            last_sent[0] = now
+            try:
+                events.publish("train_step", {k: info.get(k) for k in (
+                    "step", "total_steps", "loss", "examples_per_s", "tokens_per_s")})
+            except redis.RedisError:  # progress is best effort; a lost Redis also stops heartbeats
+                log.warning("train_step event not published", exc_info=True)
+        _check_stop(r, experiment_id)
+
+    def on_trained(trained: TrainedStage, resumed: bool) -> None:
+        # The record is the commit point of training; the notice only announces it, once ever
+        # (a crash between the two lost at most the last notice: a resumed run re-announces).
+        announced = publish_stage(r, experiment_id, rid, order, seed, trained.step)
+        if resumed:
+            if announced:
+                log.info("%s: re-announced stage %d (its notice was lost)", rid, trained.step)
+            return
+        train_seconds = float(trained.train.get("seconds", 0.0))
+        events.publish("stage_trained", {"train_seconds": train_seconds, "final_loss": trained.final_loss,
+                                         "steps": len(trained.train.get("steps", [])),
+                                         "examples": trained.train.get("examples"),
+                                         "tokens": trained.train.get("tokens"), "checkpoint": trained.checkpoint,
+                                         "seconds": time.perf_counter() - stage_t0[0]})
+        log.info("%s: stage %d (%s) trained in %.1f s, final loss %s", rid, trained.step, trained.task,
+                 train_seconds, f"{trained.final_loss:.4f}" if trained.final_loss is not None else "n/a")
+
     Path(settings.work_dir).mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(dir=settings.work_dir, prefix=f"train-{rid}-"))
-    try:
-        # Exactly runner.py's sequence: fresh adapter for the seed, then the last checkpoint if resuming.
-        engine.reset_adapter(seed)
-        strategy_state: dict[str, Any] = {}
-        if 0 < done < len(order):
-            engine.load_adapter(get_dir(store, f"{exp}/{checkpoint_prefix(rid, done)}", work / f"resume-{done}"))
-            prev = json.loads(store.get_bytes(f"{exp}/{keys.trained_key(rid, done)}"))
-            strategy_state = dict(prev.get("train", {}).get("strategy_state", {}))
-        for k in range(1, done + 1):  # a crash between record and notice lost at most the last one
-            if publish_stage(r, experiment_id, rid, order, seed, k):
-                log.info("%s: re-announced stage %d (its notice was lost)", rid, k)
-        events.publish("run_started", {"order": order, "seed": seed, "resumed_from": done,
-                                       "stages": len(order), "model_load_seconds": load_seconds}, step=done)
-        if done:
-            log.info("%s: stages 1..%d already trained, resuming at %d", rid, done, done + 1)
-
-        trained_steps = []
-        for step in range(done + 1, len(order) + 1):
-            _check_stop(r, experiment_id)
-            task = tasks[step - 1]
-            events.step, events.task = step, task.name
-            t0 = time.perf_counter()
-            last_sent = [0.0]
-
-            def on_step(info: dict[str, Any], _step: int = step) -> None:
-                now = time.monotonic()
-                if now - last_sent[0] >= STEP_EVENT_INTERVAL or info.get("step") == info.get("total_steps"):
-                    last_sent[0] = now
-                    try:
-                        events.publish("train_step", {k: info.get(k) for k in (
-                            "step", "total_steps", "loss", "examples_per_s", "tokens_per_s")})
-                    except redis.RedisError:  # progress is best effort; a lost Redis also stops heartbeats
-                        log.warning("train_step event not published", exc_info=True)
-                _check_stop(r, experiment_id)
-
-            trained = engine.train(run_id=rid, seed=seed, stage=step, task=task, previous_tasks=order[: step - 1],
-                                   strategy_state=strategy_state, on_step=on_step)
-            strategy_state = dict(trained.strategy_state)
-            train_seconds = time.perf_counter() - t0
-
-            # 1. adapter, 2. record (the commit point), 3. notice.
-            ckpt = checkpoint_prefix(rid, step)
-            local = engine.save_adapter(work / f"step-{step}")
-            put_dir(store, f"{exp}/{ckpt}", local)
-            shutil.rmtree(local, ignore_errors=True)
-            record = {
-                "run_id": rid, "order": order, "seed": seed, "step": step, "task": task.name, "checkpoint": ckpt,
-                "train": {"steps": [s.__dict__ for s in trained.steps], "examples": trained.examples,
-                          "tokens": trained.tokens, "padded_fraction": trained.padded_fraction,
-                          "seconds": trained.seconds, "strategy_state": trained.strategy_state},
-            }
-            store.put_bytes(f"{exp}/{keys.trained_key(rid, step)}",
-                            json.dumps(record, sort_keys=True, indent=1, allow_nan=False).encode())
-            publish_stage(r, experiment_id, rid, order, seed, step)
-            final_loss = trained.steps[-1].loss if trained.steps else None
-            events.publish("stage_trained", {"train_seconds": train_seconds, "final_loss": final_loss,
-                                             "steps": len(trained.steps), "examples": trained.examples,
-                                             "tokens": trained.tokens, "checkpoint": ckpt,
-                                             "seconds": time.perf_counter() - t0})
-            log.info("%s: stage %d (%s) trained in %.1f s, final loss %s", rid, step, task.name, train_seconds,
-                     f"{final_loss:.4f}" if final_loss is not None else "n/a")
-            trained_steps.append(step)
-
-        seconds = time.perf_counter() - t_job
-        events.publish("run_done", {"stages": len(order), "trained": trained_steps, "resumed_from": done,
-                                    "seconds": seconds}, step=len(order), task=order[-1] if order else "")
-        return {"experiment_id": experiment_id, "run_id": rid, "resumed_from": done, "trained": trained_steps,
-                "stages": len(order), "seconds": seconds}
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    trained_steps = protocol.train_run(engine, tree, spec, order, seed, scratch=Path(settings.work_dir), hooks=RunHooks(
+        on_stage_start=on_stage_start, on_step=on_step, on_trained=on_trained,
+        check_stop=lambda: _check_stop(r, experiment_id)))
+    seconds = time.perf_counter() - t_job
+    events.publish("run_done", {"stages": len(order), "trained": trained_steps, "resumed_from": resumed_from,
+                                "seconds": seconds}, step=len(order), task=order[-1] if order else "")
+    return {"experiment_id": experiment_id, "run_id": rid, "resumed_from": resumed_from, "trained": trained_steps,
+            "stages": len(order), "seconds": seconds}

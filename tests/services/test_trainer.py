@@ -14,8 +14,9 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import redis
@@ -29,12 +30,13 @@ from service_common.datasets import map_paths, sha256_hex
 from service_common.local_servers import stop_pid
 from service_common.s3_store import S3Store
 from service_common.settings import Settings
-from slmcl.protocol.results import checkpoint_prefix, run_id
-from slmcl.protocol.embedded import ExperimentRunner
 from slmcl.config.spec import ExperimentSpec, spec_from_dict
+from slmcl.protocol.embedded import ExperimentRunner
+from slmcl.protocol import layout
+from slmcl.protocol.layout import checkpoint_prefix, run_id
 from slmcl.storage.local import get_dir
 from tests.conftest import REPO, tiny_spec_dict
-from trainer_service.enqueue import enqueue_run
+from service_common.run_queue import enqueue_run
 
 pytestmark = pytest.mark.integration
 
@@ -59,13 +61,13 @@ class Ctx:
 
         def upload(path: str) -> str:
             data = Path(path).read_bytes()
-            key = keys.dataset_key(sha256_hex(data))
+            key = layout.dataset_key(sha256_hex(data))
             if not self.store.exists(key):
                 self.store.put_bytes(key, data)
             return keys.STORE_PREFIX + key
 
         remote = map_paths(spec, upload)
-        self.store.put_bytes(f"{keys.experiment_prefix(exp_id)}/spec.json", remote.to_json().encode())
+        self.store.put_bytes(f"{layout.experiment_prefix(exp_id)}/spec.json", remote.to_json().encode())
         return spec
 
     def start_worker(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
@@ -105,7 +107,7 @@ class Ctx:
 
     def events(self, exp_id: str) -> list[dict[str, Any]]:
         out = []
-        for eid, raw in self.redis.xrange(keys.events_stream(exp_id)):
+        for _eid, raw in self.redis.xrange(keys.events_stream(exp_id)):
             f = {k.decode(): v.decode() for k, v in raw.items()}
             assert set(f) == {"kind", "run_id", "step", "task", "data_json", "time"}, f
             out.append({**f, "step": int(f["step"]), "data": json.loads(f["data_json"]), "time": float(f["time"])})
@@ -116,7 +118,7 @@ class Ctx:
                 for _, raw in self.redis.xrange(keys.STAGE_EVENTS_STREAM)]
 
     def key(self, exp_id: str, rel: str) -> str:
-        return f"{keys.experiment_prefix(exp_id)}/{rel}"
+        return f"{layout.experiment_prefix(exp_id)}/{rel}"
 
 
 @pytest.fixture()
@@ -172,7 +174,7 @@ def test_run_publishes_each_stage_and_matches_the_embedded_run(ctx: Ctx, tiny_mo
 
     # Training records: the embedded stage records' `train`, same losses to the bit.
     for step, task in enumerate(order, start=1):
-        rec = json.loads(ctx.store.get_bytes(ctx.key(exp, keys.trained_key(rid, step))))
+        rec = json.loads(ctx.store.get_bytes(ctx.key(exp, layout.trained_key(rid, step))))
         emb = json.loads((ctx.tmp / "embedded" / f"runs/{rid}/stage-{step}.json").read_text())
         assert {k: rec[k] for k in ("run_id", "order", "seed", "step", "task", "checkpoint")} == {
             "run_id": rid, "order": order, "seed": seed, "step": step, "task": task,
@@ -219,14 +221,14 @@ def test_killed_worker_job_resumes_on_another_worker_without_repeating_stages(
     first = ctx.start_worker(*flags, "--name", "doomed", env=env)
     job = enqueue_run(ctx.queue, exp, order, seed)
 
-    ctx.wait(lambda: ctx.store.exists(ctx.key(exp, keys.trained_key(rid, 1))), 120, "stage 1's trained record")
+    ctx.wait(lambda: ctx.store.exists(ctx.key(exp, layout.trained_key(rid, 1))), 120, "stage 1's trained record")
     os.killpg(first.pid, signal.SIGKILL)  # the worker and anything it started, like a container dying
     first.wait()
     killed_at = time.time()
     assert ctx.job(job.id).get_status() == JobStatus.STARTED  # abandoned, as RQ sees it
     before = {k: ctx.store.client.stat_object(ctx.store.bucket, k)
               for k in ctx.store.list_keys(ctx.key(exp, f"runs/{rid}"))}
-    assert ctx.key(exp, keys.trained_key(rid, 1)) in before
+    assert ctx.key(exp, layout.trained_key(rid, 1)) in before
     contents = {k: ctx.store.get_bytes(k) for k in before}
 
     second = ctx.start_worker(*flags, "--name", "heir", env=env)
@@ -298,8 +300,8 @@ def test_cancel_stops_at_the_next_step_without_publishing_the_stage(
     assert ctx.queue.count == 0  # a cancelled run is not retried
 
     # Stage 1 stays published; stage 2 left nothing behind.
-    assert ctx.store.exists(ctx.key(exp, keys.trained_key(rid, 1)))
-    assert not ctx.store.exists(ctx.key(exp, keys.trained_key(rid, 2)))
+    assert ctx.store.exists(ctx.key(exp, layout.trained_key(rid, 1)))
+    assert not ctx.store.exists(ctx.key(exp, layout.trained_key(rid, 2)))
     assert ctx.store.list_keys(ctx.key(exp, checkpoint_prefix(rid, 2))) == []
     assert [n["step"] for n in ctx.stage_events()] == ["1"]
 
@@ -349,7 +351,7 @@ def test_non_finite_loss_fails_the_run_without_publishing_and_the_worker_goes_on
     with torch.no_grad():
         next(p for n, p in engine.model.named_parameters() if "lora_A" in n)[0, 0] = float("nan")
     put_dir(ctx.store, ctx.key(exp, checkpoint_prefix(rid, 1)), engine.save_adapter(ctx.tmp / "nan-adapter"))
-    ctx.store.put_bytes(ctx.key(exp, keys.trained_key(rid, 1)), json.dumps(
+    ctx.store.put_bytes(ctx.key(exp, layout.trained_key(rid, 1)), json.dumps(
         {"run_id": rid, "order": order, "seed": seed, "step": 1, "task": order[0],
          "checkpoint": checkpoint_prefix(rid, 1), "train": {"strategy_state": {}}}).encode())
 
@@ -361,7 +363,7 @@ def test_non_finite_loss_fails_the_run_without_publishing_and_the_worker_goes_on
     bad = ctx.job(bad.id)
     assert bad.get_status() == JobStatus.FAILED, ctx.logs()
     assert "TrainingError" in (bad.latest_result().exc_string or "")
-    assert not ctx.store.exists(ctx.key(exp, keys.trained_key(rid, 2)))
+    assert not ctx.store.exists(ctx.key(exp, layout.trained_key(rid, 2)))
     assert ctx.store.list_keys(ctx.key(exp, checkpoint_prefix(rid, 2))) == []
     failed = [e for e in ctx.events(exp) if e["run_id"] == rid and e["kind"] == "run_failed"]
     assert len(failed) == 1 and failed[0]["step"] == 2 and "loss is nan" in failed[0]["data"]["error"]
@@ -369,7 +371,7 @@ def test_non_finite_loss_fails_the_run_without_publishing_and_the_worker_goes_on
 
     good_rid = run_id(order[:1], seed)
     assert ctx.job(good.id).get_status() == JobStatus.FINISHED, ctx.logs()
-    assert ctx.store.exists(ctx.key(exp, keys.trained_key(good_rid, 1)))
+    assert ctx.store.exists(ctx.key(exp, layout.trained_key(good_rid, 1)))
     # Stage notices: the fabricated stage 1 (announced once on resume, as a lost notice would be) and the good run's.
     assert [(n["run_id"], n["step"]) for n in ctx.stage_events()] == [(rid, "1"), (good_rid, "1")]
     assert ctx.logs().count(f"loaded {tiny_model_dir}") == 1  # the base model stayed resident across jobs

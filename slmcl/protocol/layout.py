@@ -1,0 +1,87 @@
+"""Where everything of an experiment lives in a store: the one module that spells keys.
+
+A results tree is the same in both modes: ``slmcl run`` writes it into its output directory,
+the services write it under ``experiments/<id>/`` of the object store. Every reader and
+writer builds keys with these functions, so a layout change is one edit here.
+
+::
+
+    spec.json, spec.yaml                       the resolved spec (services: dataset paths are store: keys)
+    experiment.json                            services: id, name, client request id, created_at
+    checkpoints/<run_id>/step-<k>/             PEFT adapter (+ strategy_state.{json,safetensors})
+    runs/<run_id>/trained-<k>.json             training record of stage k (losses, tokens, seconds)
+    runs/<run_id>/stage-<k>.json               committed stage record (scores + drift): the commit point
+    predictions/<run_id>/step-<k>/<task>.jsonl per-example predictions (run "base", step 0: the base model)
+    scores.csv, stability.csv, train_loss.csv, summary.json   tables rebuilt from the stage records
+
+Store-wide (outside any experiment): ``datasets/<sha256>.json`` (content-addressed uploads) and
+``cache/`` (base evaluations and base distributions, keyed by what they depend on).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+SPEC_JSON = "spec.json"
+SPEC_YAML = "spec.yaml"
+EXPERIMENT_JSON = "experiment.json"
+TABLES = ("scores.csv", "stability.csv", "train_loss.csv", "summary.json")
+BASE_RUN = "base"  # the predictions of step 0 are the base model's, shared by every run
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # a checkpoint is complete when both exist
+
+
+def order_id(order: Sequence[str]) -> str:
+    return ".".join(order)  # '.' never appears in a task name (the spec refuses it)
+
+
+def run_id(order: Sequence[str], seed: int) -> str:
+    return f"{order_id(order)}-s{seed}"
+
+
+def stage_key(rid: str, step: int) -> str:
+    return f"runs/{rid}/stage-{step}.json"
+
+
+def trained_key(rid: str, step: int) -> str:
+    return f"runs/{rid}/trained-{step}.json"
+
+
+def runs_prefix(rid: str | None = None) -> str:
+    return f"runs/{rid}" if rid else "runs"
+
+
+def checkpoint_prefix(rid: str, step: int) -> str:
+    return f"checkpoints/{rid}/step-{step}"
+
+
+def predictions_key(rid: str, step: int, task: str) -> str:
+    return f"predictions/{rid}/step-{step}/{task}.jsonl"
+
+
+def is_stage_key(key: str) -> bool:
+    return key.rsplit("/", 1)[-1].startswith("stage-")
+
+
+def is_trained_key(key: str) -> bool:
+    return key.rsplit("/", 1)[-1].startswith("trained-")
+
+
+# -- store-wide keys ----------------------------------------------------------------------
+
+
+def experiment_prefix(exp_id: str) -> str:
+    return f"experiments/{exp_id}"
+
+
+def dataset_key(sha256: str) -> str:
+    return f"datasets/{sha256}.json"
+
+
+def base_eval_cache_key(fingerprint: str, shard: str = "") -> str:
+    """A base evaluation, keyed by everything it depends on (model, test bytes, rendering, decoding)."""
+    return f"cache/base-eval/{fingerprint}{'-' + shard if shard else ''}.json"
+
+
+def base_reference_logp_key(fingerprint: str) -> str:
+    """The base model's next-token log-probabilities on a reference set (p_0 of the drift)."""
+    return f"cache/base-reference-logp/{fingerprint}.safetensors"
