@@ -58,11 +58,12 @@ class LocalTrio:
 
     def store(self) -> Any:
         """The trio's object store, as the services see it."""
-        from service_common.s3_store import S3Store
-        from service_common.settings import Settings
+        from urllib.parse import quote
 
-        return S3Store.from_settings(Settings(s3_endpoint=f"127.0.0.1:{self.s3.port}", s3_access_key=ACCESS,
-                                              s3_secret_key=SECRET, s3_bucket="bench"))
+        from slmcl.storage.factory import open_store
+
+        return open_store(f"s3://{quote(ACCESS, safe='')}:{quote(SECRET, safe='')}@bench"
+                          f"?endpoint=127.0.0.1:{self.s3.port}&secure=0")
 
     def stop(self) -> None:
         for p in self.procs:
@@ -71,7 +72,7 @@ class LocalTrio:
         self.s3.stop()
 
 
-def _submit_and_wait(client: Any, spec: Any, timeout: float = 3600) -> float:
+def _submit_and_wait(client: Any, spec: Any, timeout: float = 3600) -> tuple[float, str]:
     t0 = time.perf_counter()
     exp = client.submit(spec)
     last = None
@@ -82,7 +83,7 @@ def _submit_and_wait(client: Any, spec: Any, timeout: float = 3600) -> float:
     wall = time.perf_counter() - t0
     if last is None or last.kind != "experiment_done":
         raise RuntimeError(f"service run ended with {last.kind if last else 'nothing'}")
-    return wall, exp.id  # type: ignore[return-value]
+    return wall, str(exp.id)
 
 
 def phase_run_service(b: Any) -> None:

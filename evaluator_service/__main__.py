@@ -8,8 +8,8 @@ import os
 import sys
 
 from service_common.grpc_server import make_server, serve
-from service_common.s3_store import S3Store
 from service_common.settings import Settings
+from slmcl.storage.factory import open_store
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,9 +35,9 @@ def main(argv: list[str] | None = None) -> int:
 
     settings = Settings()
     try:
-        store = S3Store.from_settings(settings)
+        store = open_store(settings.store_url)
     except Exception as exc:  # noqa: BLE001 - one line, not a urllib3 traceback
-        log.error("object store %s (bucket %s): %s", settings.s3_endpoint, settings.s3_bucket, exc)
+        log.error("object store %s: %s", settings.store_url, exc)
         return 2
     servicer = EvaluatorServicer.create(settings, store, replica_id(args.port))
     if args.preload_spec:
@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         except SlmclError as exc:
             log.error("--preload-spec %s: %s", args.preload_spec, exc)
             return 2
-    server = make_server()
+    # Every slot's request, as many again waiting for a slot (cancellable), and room for Info and health.
+    server = make_server(max_workers=max(16, 2 * servicer.core.capacity + 4))
     evaluator_pb2_grpc.add_EvaluatorServicer_to_server(servicer, server)
     log.info("replica %s", servicer.core.replica_id)
     serve(server, f"{args.host}:{args.port}", [evaluator_pb2.DESCRIPTOR.services_by_name["Evaluator"].full_name])

@@ -1,7 +1,8 @@
 """python -m monitor_service --host 127.0.0.1 --port 50051
 
 The control plane: gRPC Monitor API, Redis for queues/state/events, the object store for
-results, the evaluator pool from $SLMCL_EVALUATORS.
+results, the evaluator pool from $SLMCL_EVALUATORS. It runs no model: every forward pass
+(evaluation and drift) runs on the evaluators, so it needs neither torch nor an accelerator.
 """
 
 from __future__ import annotations
@@ -20,21 +21,20 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=os.environ.get("SLMCL_LOG_LEVEL", "INFO").upper(), format="%(asctime)s monitor %(levelname)s %(name)s: %(message)s")
 
-    from slmcl.models.runtime import configure_process
-
-    configure_process(threads=os.environ.get("SLMCL_TORCH_THREADS"))
     from monitor_service.control import Control
     from monitor_service.evaluators import EvaluatorPool
     from monitor_service.server import MonitorServicer
     from service_common.grpc_server import make_server, serve
-    from service_common.s3_store import S3Store
     from service_common.settings import Settings
-    from slmcl.models.loading import quiet_transformers
+    from slmcl.errors import SlmclError
+    from slmcl.storage.factory import open_store
     from slmcl_api.v1 import monitor_pb2, monitor_pb2_grpc
 
-    quiet_transformers()
     settings = Settings()
-    store = S3Store.from_settings(settings)
+    try:
+        store = open_store(settings.store_url)
+    except SlmclError as exc:  # no credentials, a bad SLMCL_STORE_URL: one line, not a traceback
+        raise SystemExit(f"monitor: object store: {exc}") from None
     control = Control(settings, store, redis.Redis.from_url(settings.redis_url), EvaluatorPool(settings.evaluators))
     control.start()
     server = make_server()

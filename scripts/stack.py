@@ -29,6 +29,7 @@ its own process group), then removes pids.json.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import secrets
@@ -37,8 +38,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -210,7 +212,8 @@ def grpc_serving(address: str, timeout: float = 1.0) -> bool:
 
     try:
         with grpc.insecure_channel(address) as ch:
-            resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
+            check = health_pb2_grpc.HealthStub(ch).Check  # type: ignore[attr-defined]  # the stub's HealthStub has no methods
+            resp = check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
         return resp.status == health_pb2.HealthCheckResponse.SERVING
     except grpc.RpcError:
         return False
@@ -260,20 +263,20 @@ def ensure_stubs(say: Callable[[str], None]) -> None:
 
 
 def ensure_bucket(endpoint: str, creds: dict[str, str], bucket: str) -> None:
-    from minio import Minio
+    from urllib.parse import quote
+
     from minio.error import S3Error
 
-    client = Minio(endpoint, access_key=creds["SLMCL_S3_ACCESS_KEY"], secret_key=creds["SLMCL_S3_SECRET_KEY"],
-                   secure=False, region="us-east-1")
+    from slmcl.errors import SlmclError
+    from slmcl.storage.factory import open_store
+
+    user = ":".join(quote(creds[k], safe="") for k in ("SLMCL_S3_ACCESS_KEY", "SLMCL_S3_SECRET_KEY"))
     deadline = time.monotonic() + 30
     while True:
         try:
-            if not client.bucket_exists(bucket):
-                client.make_bucket(bucket)
+            open_store(f"s3://{user}@{bucket}?endpoint={endpoint}&secure=0&region=us-east-1")  # creates the bucket
             return
-        except S3Error as exc:
-            if exc.code in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
-                return
+        except (S3Error, SlmclError) as exc:  # an answer or a bad URL, not a gateway still starting: no retry
             raise StackError(f"cannot create bucket {bucket}: {exc}") from None
         except Exception as exc:  # noqa: BLE001 - the gateway's filer may need a moment after the first answer
             if time.monotonic() > deadline:
@@ -380,13 +383,13 @@ def cmd_up(args: argparse.Namespace) -> int:
             name = f"evaluator-{i}"
             spawn(name, ["-m", "evaluator_service", "--host", "127.0.0.1", "--port", str(port)], port,
                   {"SLMCL_REPLICA_ID": name})
-            checks[name] = lambda a=f"127.0.0.1:{port}": grpc_serving(a)
+            checks[name] = functools.partial(grpc_serving, f"127.0.0.1:{port}")
         for i in range(1, args.trainers + 1):
             name = f"trainer-{i}"
             worker_name = f"stack-{name}-{secrets.token_hex(3)}"
             spawn(name, ["-m", "trainer_service", "--name", worker_name], None, {})
             pid, log = procs[name].pid, d / "logs" / f"{name}.log"
-            checks[name] = lambda p=pid, w=worker_name, lg=log: rq_worker_registered(redis_url, p, w, lg)
+            checks[name] = functools.partial(rq_worker_registered, redis_url, pid, worker_name, log)
         spawn("monitor", ["-m", "monitor_service", "--host", "127.0.0.1", "--port", str(args.monitor_port)],
               args.monitor_port, {})
         checks["monitor"] = lambda: grpc_serving(monitor_address)
@@ -399,19 +402,20 @@ def cmd_up(args: argparse.Namespace) -> int:
                 if code is not None:
                     raise StackError(f"{name} exited with status {code} while starting", d / "logs" / f"{name}.log")
                 if pending[name]():
-                    say(f"{name:<12} ready" + (f" on 127.0.0.1:{state['ports'][name]}" if name in state["ports"] else ""))
+                    where = f" on 127.0.0.1:{state['ports'][name]}" if name in state["ports"] else ""
+                    say(f"{name:<12} ready{where}")
                     del pending[name]
             if pending and time.monotonic() > deadline:
                 for name in pending:
-                    print(f"\n--- {name}: last lines of {d / 'logs' / (name + '.log')}\n{tail(d / 'logs' / (name + '.log'))}",
-                          file=sys.stderr)
+                    log_path = d / "logs" / f"{name}.log"
+                    print(f"\n--- {name}: last lines of {log_path}\n{tail(log_path)}", file=sys.stderr)
                 raise StackError(f"not healthy after {args.timeout:.0f} s: {', '.join(pending)}")
             if pending:
                 time.sleep(0.5)
     except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - whatever it was, undo the half-started stack
-        log = getattr(exc, "log", None)
-        if log is not None:
-            print(f"\n--- last lines of {log}\n{tail(log)}\n---", file=sys.stderr)
+        failed_log = getattr(exc, "log", None)
+        if failed_log is not None:
+            print(f"\n--- last lines of {failed_log}\n{tail(failed_log)}\n---", file=sys.stderr)
         print(f"stack failed to start: {exc or type(exc).__name__}", file=sys.stderr)
         print("stopping what was started", file=sys.stderr)
         stop_stack(recorded(state), args.grace, lambda m: print(m, file=sys.stderr))
@@ -456,7 +460,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         all_alive &= ok
         port = state.get("ports", {}).get(name)
         where = f"127.0.0.1:{port}" if port else "-"
-        print(f"{name:<12} pid {pid:<8} {'alive' if ok else 'DEAD ':<6} {where:<17} {state.get('logs', {}).get(name, '')}")
+        log_name = state.get("logs", {}).get(name, "")
+        print(f"{name:<12} pid {pid:<8} {'alive' if ok else 'DEAD ':<6} {where:<17} {log_name}")
     if state.get("monitor"):
         print(f"\nexport SLMCL_SERVER={state['monitor']}")
     return 0 if all_alive else 1

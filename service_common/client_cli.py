@@ -1,7 +1,9 @@
 """``slmcl submit | watch | list | status | cancel | results | pull``: the service client commands.
 
-Registered by ``slmcl.cli.main``; grpc is imported only when one of them runs. The server
-address comes from ``--server`` or ``$SLMCL_SERVER`` (default 127.0.0.1:50051).
+Added to the ``slmcl`` command through the ``slmcl.commands`` entry point (pyproject.toml):
+the core finds ``register`` by name and never imports this package; this module imports the
+core, never the other way. grpc is imported only when one of them runs. The server address
+comes from ``--server`` or ``$SLMCL_SERVER`` (default 127.0.0.1:50051).
 """
 
 from __future__ import annotations
@@ -10,7 +12,8 @@ import argparse
 import datetime as dt
 import json
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from slmcl.errors import SlmclError
 
@@ -59,7 +62,7 @@ def _when(ts: float) -> str:
 
 @_grpc_errors
 def cmd_list(args: argparse.Namespace) -> int:
-    from slmcl.cli.main import format_table
+    from slmcl.cli.report import format_table
 
     rows = []
     for e in _client(args).list():
@@ -72,7 +75,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 @_grpc_errors
 def cmd_status(args: argparse.Namespace) -> int:
-    from slmcl.cli.main import format_table
+    from slmcl.cli.report import format_table
 
     e = _client(args).get(args.id)
     if args.json:
@@ -98,7 +101,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 @_grpc_errors
 def cmd_results(args: argparse.Namespace) -> int:
-    from slmcl.cli.main import render_results
+    from slmcl.cli.report import render_results
 
     out = _client(args).results(args.id, args.out, include_checkpoints=not args.no_checkpoints)
     print(render_results(out))
@@ -171,7 +174,9 @@ def cmd_watch(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_commands(sub: Any) -> None:
+def register(sub: Any) -> None:
+    """Add the client commands to the ``slmcl`` subparsers (the ``slmcl.commands`` entry point)."""
+
     def common(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         p.add_argument("--server", help="monitor address host:port (default $SLMCL_SERVER or 127.0.0.1:50051)")
         return p

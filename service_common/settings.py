@@ -28,9 +28,19 @@ class Settings:
     queue: str = field(default_factory=lambda: _env("SLMCL_QUEUE", "slmcl-train"))
     # Evaluator replicas the monitor fans out to: "host:port,host:port" or "dns:///evaluator:50052".
     evaluators: str = field(default_factory=lambda: _env("SLMCL_EVALUATORS", "127.0.0.1:50052"))
+    # Stages the monitor measures at once (each waits on its evaluation requests, which run elsewhere).
+    monitor_stage_workers: int = field(default_factory=lambda: int(_env("SLMCL_MONITOR_STAGE_WORKERS", "16")))
     eval_shards_per_task: int = field(default_factory=lambda: int(_env("SLMCL_EVAL_SHARDS_PER_TASK", "1")))
     monitor_address: str = field(default_factory=lambda: _env("SLMCL_MONITOR_ADDRESS", "127.0.0.1:50051"))
     device: str = field(default_factory=lambda: _env("SLMCL_DEVICE", "auto"))
+    # Where artifacts live, for slmcl.storage.factory.open_store: $SLMCL_STORE_URL, else the bucket of the
+    # SLMCL_S3_* settings above (credentials stay in the environment, out of the URL, which may be logged).
+    store_url: str = field(default_factory=lambda: _env("SLMCL_STORE_URL", ""))
+
+    def __post_init__(self) -> None:
+        if not self.store_url:  # frozen: the derived default is set once, here
+            object.__setattr__(self, "store_url", f"s3://{self.s3_bucket}?endpoint={self.s3_endpoint}"
+                               f"&secure={int(self.s3_secure)}&region={self.s3_region}")
 
     def require_s3(self) -> None:
         if not self.s3_access_key or not self.s3_secret_key:

@@ -21,7 +21,7 @@ class ProgressDisplay:
         self._phase_key: tuple[Any, ...] | None = None
         self._eval_parts: dict[tuple[str, Any], tuple[int, int]] = {}
 
-    def __enter__(self) -> "ProgressDisplay":
+    def __enter__(self) -> ProgressDisplay:
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -10,30 +10,20 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from importlib.metadata import entry_points
+from typing import Any
 
+from slmcl.cli.report import format_table, render_results
 from slmcl.errors import SlmclError
 from slmcl.models.runtime import keep_freed_memory
 
+__all__ = ["build_parser", "format_table", "main", "render_results"]
+
+COMMANDS_GROUP = "slmcl.commands"
+
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
-
-
-def _fmt(v: Any, digits: int = 3) -> str:
-    if v is None:
-        return "—"
-    if isinstance(v, float):
-        return f"{v:.{digits}f}"
-    return str(v)
-
-
-def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    cells = [[str(h) for h in headers]] + [[_fmt(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------
@@ -65,8 +55,8 @@ def _overrides(pairs: Sequence[str]) -> dict[str, Any]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from slmcl.cli.display import ProgressDisplay
-    from slmcl.protocol.embedded import run_experiment
     from slmcl.config.spec import load_spec
+    from slmcl.protocol.embedded import run_experiment
 
     overrides = _overrides(args.set or [])
     if args.output_dir:
@@ -76,42 +66,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         out = run_experiment(spec, progress=display)
     print(render_results(out))
     return 0
-
-
-def render_results(path: str | Path) -> str:
-    """Accuracy matrix, CL metrics and stability, per order, as printed after a run."""
-    from slmcl import metrics as mx
-    from slmcl.protocol.results import read_results
-
-    res = read_results(path)
-    parts = [f"results: {path}"]
-    for entry in res.summary["orders"]:
-        order = entry["order"]
-        seeds = entry["seeds"]
-        parts.append(f"\n== order {' -> '.join(order)}  (seeds {', '.join(map(str, seeds))}; mean over seeds) ==")
-        matrix = {int(k): v for k, v in entry["matrix_mean"].items()}
-        parts.append("\nAccuracy matrix (rows: checkpoint, columns: task)\n" + mx.format_matrix(matrix, order))
-        aggregates = [a for a in mx.aggregate_seeds(
-            [mx.step_metrics(m, order) for m in mx.matrices_by_seed(
-                [r for r in _score_rows(res, order)]).values()])]
-        parts.append("\nContinual-learning metrics\n" + mx.format_metrics_table(aggregates))
-        stab_rows = []
-        for k, v in sorted(((int(k), v) for k, v in entry["stability_mean"].items())):
-            label = "base" if k == 0 else f"after {order[k - 1]}"
-            stab_rows.append([label, v.get("kl_to_base_mean"), v.get("kl_to_base_p95"), v.get("entropy_mean"),
-                              v.get("entropy_delta_mean"), v.get("margin_mean"), v.get("margin_delta_mean")])
-        parts.append("\nStability on the reference set (nats)\n" + format_table(
-            ["checkpoint", "KL mean", "KL p95", "entropy", "Δentropy", "margin", "Δmargin"], stab_rows))
-    return "\n".join(parts)
-
-
-def _score_rows(res: Any, order: Sequence[str]) -> list[Any]:
-    from slmcl import metrics as mx
-    from slmcl.protocol.results import order_id, score_rows
-
-    recs = [r for r in res.records if list(r.order) == list(order)]
-    return [mx.ScoreRow(seed=x["seed"], step=x["step"], checkpoint_task=x["checkpoint_task"], eval_task=x["eval_task"],
-                        accuracy=x["accuracy"], order=order_id(order), model=x["model"]) for x in score_rows(recs)]
 
 
 # ---------------------------------------------------------------------------------------
@@ -198,13 +152,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_stability)
 
-    try:  # the service client commands (grpc is imported only when one runs)
-        from service_common import client_cli
-    except ImportError:  # a core-only install
-        pass
-    else:
-        client_cli.add_commands(sub)
+    add_plugin_commands(sub)
     return p
+
+
+def add_plugin_commands(sub: Any) -> None:
+    """Subcommands of other installed packages (the service client's submit, watch, ...).
+
+    Each ``slmcl.commands`` entry point names a function that adds its subparsers; the core
+    finds them by name and never imports those packages itself. A plugin that cannot load is
+    one line on stderr and the core commands still work.
+    """
+    for ep in sorted(entry_points(group=COMMANDS_GROUP), key=lambda e: e.name):
+        try:
+            register: Callable[[Any], None] = ep.load()
+        except ImportError as exc:
+            if os.environ.get("SLMCL_DEBUG"):
+                raise
+            print(f"slmcl: warning: commands {ep.name!r} ({ep.value}) not available: {exc}", file=sys.stderr)
+            continue
+        register(sub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BeforeValidator, ConfigDict, Field, Strict, TypeAdapter, ValidationError, field_validator
+from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, Strict, TypeAdapter, ValidationError, field_validator
 from pydantic.dataclasses import dataclass
 
 from slmcl.errors import SpecError
@@ -231,6 +231,12 @@ def _task_input(value: Any) -> Any:
             "train_file": f"{folder}/train.json", "test_file": f"{folder}/test.json", **value}
 
 
+def _check_device(value: str) -> str:
+    if not re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", value):
+        raise ValueError("must be auto, cpu, cuda or cuda:N")
+    return value
+
+
 @dataclass(frozen=True, config=_CONFIG)
 class ExperimentSpec:
     """An slmcl experiment: every (order, seed) pair is one run of sequential fine-tuning."""
@@ -250,7 +256,8 @@ class ExperimentSpec:
     reference: Annotated[ReferenceSpec, Section] = field(default_factory=ReferenceSpec)
     chat: Annotated[ChatSpec, Section] = field(default_factory=ChatSpec)
     strategy: Annotated[StrategySpec, Section] = field(default_factory=StrategySpec)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Annotated[Str, AfterValidator(_check_device),
+                      Field(description="auto, cpu, cuda or cuda:N (one GPU of several)")] = "auto"
     output_dir: Str = "runs/experiment"
 
     def task(self, name: str) -> TaskSpec:

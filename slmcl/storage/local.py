@@ -1,8 +1,7 @@
-"""Where artifacts live: a small key/value interface over a folder now, an object store later.
+"""A folder as an artifact store: what the embedded mode writes its results directory with.
 
-Keys are ``/``-separated relative paths (``checkpoints/<run>/step-1/adapter_model.safetensors``).
-The embedded mode uses ``LocalStore`` on the results directory; the services implement
-the same protocol over MinIO/S3, so the core never knows which one it writes to.
+``ArtifactStore``, ``put_dir`` and ``get_dir`` are re-exported from ``slmcl.storage.base`` so
+that ``from slmcl.storage.local import LocalStore, get_dir, put_dir, ArtifactStore`` keeps working.
 """
 
 from __future__ import annotations
@@ -10,38 +9,37 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterator, Protocol
+from urllib.parse import unquote, urlsplit
 
-from slmcl.errors import NotFoundError
+from slmcl.errors import NotFoundError, SpecError
+from slmcl.storage.base import ArtifactStore, check_key, check_prefix, get_dir, put_dir, walk_files
+from slmcl.storage.factory import STORES
 
-
-class ArtifactStore(Protocol):
-    def put_bytes(self, key: str, data: bytes) -> None: ...
-
-    def get_bytes(self, key: str) -> bytes: ...  # raises NotFoundError
-
-    def exists(self, key: str) -> bool: ...
-
-    def list_keys(self, prefix: str) -> list[str]: ...  # every key under prefix, recursively, sorted
-
-    def delete(self, key: str) -> None: ...
+__all__ = ["ArtifactStore", "LocalStore", "get_dir", "put_dir"]
 
 
-def _check_key(key: str) -> str:
-    parts = key.split("/")
-    if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts):
-        raise ValueError(f"bad store key {key!r}")
-    return key
-
-
+@STORES.register("file")
 class LocalStore:
     """A folder as a store; writes are atomic (temp file then rename), so readers never see halves."""
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
 
+    @classmethod
+    def from_url(cls, url: str) -> LocalStore:
+        """``file:///abs/path`` (a URL names no host and has no query) or a plain path."""
+        if "://" not in url:
+            return cls(url)
+        parts = urlsplit(url)
+        if parts.netloc not in ("", "localhost") or parts.query or parts.fragment or not parts.path:
+            raise SpecError(f"store URL {url!r}: expected file:///absolute/path (no host, no query)")
+        return cls(unquote(parts.path))
+
+    def __repr__(self) -> str:
+        return f"LocalStore({str(self.root)!r})"
+
     def path(self, key: str) -> Path:
-        return self.root / _check_key(key)
+        return self.root / check_key(key)
 
     def put_bytes(self, key: str, data: bytes) -> None:
         target = self.path(key)
@@ -58,50 +56,28 @@ class LocalStore:
     def get_bytes(self, key: str) -> bytes:
         try:
             return self.path(key).read_bytes()
-        except FileNotFoundError:
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):  # a folder is not a key
             raise NotFoundError(f"not in the store: {key}") from None
 
     def exists(self, key: str) -> bool:
         return self.path(key).is_file()
 
     def list_keys(self, prefix: str) -> list[str]:
+        prefix = check_prefix(prefix)
         base = self.root / prefix if prefix else self.root
         if base.is_file():
             return [prefix]
         if not base.is_dir():
             return []
         return sorted(
-            p.relative_to(self.root).as_posix() for p in _walk(base) if not p.name.startswith(".")
+            p.relative_to(self.root).as_posix() for p in walk_files(base) if not p.name.startswith(".")
         )
 
     def delete(self, key: str) -> None:
-        self.path(key).unlink(missing_ok=True)
-
-
-def _walk(base: Path) -> Iterator[Path]:
-    for dirpath, _dirs, files in os.walk(base):
-        for f in files:
-            yield Path(dirpath) / f
-
-
-def put_dir(store: ArtifactStore, prefix: str, local_dir: str | Path) -> list[str]:
-    """Upload every file of a folder under ``prefix``; returns the keys written."""
-    keys = []
-    for p in sorted(_walk(Path(local_dir))):
-        key = f"{prefix}/{p.relative_to(local_dir).as_posix()}"
-        store.put_bytes(key, p.read_bytes())
-        keys.append(key)
-    return keys
-
-
-def get_dir(store: ArtifactStore, prefix: str, local_dir: str | Path) -> Path:
-    """Download every key under ``prefix`` into a folder (an adapter directory, say)."""
-    keys = store.list_keys(prefix)
-    if not keys:
-        raise NotFoundError(f"nothing in the store under {prefix}/")
-    out = Path(local_dir)
-    for key in keys:
-        target = out / key[len(prefix):].lstrip("/")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(store.get_bytes(key))
-    return out
+        path = self.path(key)
+        if path.is_dir():  # a folder is not a key: there is nothing to delete
+            return
+        try:
+            path.unlink(missing_ok=True)
+        except NotADirectoryError:  # a parent is a file: the key cannot exist
+            pass

@@ -13,6 +13,7 @@ from slmcl.errors import DataError
 from slmcl.metrics import (
     HIGHER_IS_BETTER,
     METRIC_NAMES,
+    METRICS,
     AggregateStepMetrics,
     ScoreRow,
     StepMetrics,
@@ -103,6 +104,21 @@ def test_metric_names_and_directions() -> None:
     assert set(HIGHER_IS_BETTER) == set(METRIC_NAMES)
     assert HIGHER_IS_BETTER["forgetting"] is False
     assert all(HIGHER_IS_BETTER[name] for name in METRIC_NAMES if name != "forgetting")
+
+
+def test_metrics_are_declared_once() -> None:
+    """Names, directions, labels and rows all come from METRICS: a new metric is one line there."""
+    assert METRIC_NAMES == tuple(m.name for m in METRICS)
+    assert len(set(METRIC_NAMES)) == len(METRIC_NAMES)
+    header = format_metrics_table([]).splitlines()[0].split("  ")
+    assert [h.strip() for h in header if h.strip()] == ["step", "checkpoint", *(m.label for m in METRICS)]
+    row = step_metrics(MATRIX, FORWARD)[1]
+    assert [getattr(row, name) for name in METRIC_NAMES] == [row.metric(name) for name in METRIC_NAMES]
+    assert "op=0.8" in repr(row)
+    with pytest.raises(AttributeError, match="no attribute 'accuracy'"):
+        row.accuracy  # noqa: B018 - the attribute access is what is tested
+    with pytest.raises(ValueError, match="2 values for 9 metrics"):
+        StepMetrics(step=0, checkpoint_task="base", values=(None, None))
 
 
 @pytest.mark.parametrize(("order", "expected"), [(FORWARD, EXPECTED_FORWARD), (REVERSED, EXPECTED_REVERSED)])
