@@ -30,18 +30,19 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 
-from slmcl.tasks.answers import is_correct
-from slmcl.tasks.data import Example, load_examples
-from slmcl.inference.evaluation import Prediction, TaskEvaluation
-from slmcl.models.loading import LoadedModel, reset_lora
-from slmcl.tasks.prompts import PromptRenderer
 from slmcl.config.spec import BUILTIN_TASKS, TaskSpec, TrainingSpec
+from slmcl.inference.evaluation import Prediction, TaskEvaluation, score_prediction
+from slmcl.models.loading import LoadedModel, reset_lora
+from slmcl.tasks.data import Example, load_examples
+from slmcl.tasks.kinds import get_task_kind
+from slmcl.tasks.prompts import PromptRenderer
 from slmcl.training.loop import IGNORE, build_sft_example
 
 NAIVE_EVAL_BATCH = 4
@@ -131,24 +132,23 @@ def naive_evaluate_task(
     """Accuracy of ``model`` on one task the study's way; scored with slmcl's normalization."""
     t0 = time.perf_counter()
     model.eval()
+    kind = get_task_kind(task.kind)
     preds: list[Prediction] = []
     gens_all: list[NaiveGeneration] = []
     slots = 0
     for start in range(0, len(examples), batch_size):
         batch = examples[start: start + batch_size]
-        texts = [renderer.prompt_text(task.instruction, ex.prompt) for ex in batch]  # rendered per batch
+        texts = [renderer.prompt_text(task.instruction, ex.prompt, kind) for ex in batch]  # rendered per batch
         gens, n = naive_generate(model, loaded.tokenizer, texts, stop_ids=loaded.stop_token_ids,
                                  pad_id=loaded.pad_token_id, max_new_tokens=max_new_tokens, device=loaded.device)
         slots += n
         for ex, gen in zip(batch, gens):
-            pred, gold, ok = is_correct(gen.text, ex.answer, task.kind, extra_markers=loaded.special_tokens)
-            preds.append(Prediction(ex.index, ex.prompt, ex.answer, gold, pred, gen.text, gen.hit_max_tokens, ok,
-                                    len(gen.token_ids)))
+            preds.append(score_prediction(kind, ex, gen.text, gen.hit_max_tokens, len(gen.token_ids),
+                                          loaded.special_tokens))
         gens_all.extend(gens)
         if on_progress is not None:
             on_progress(len(preds), len(examples))
-    ev = TaskEvaluation(task=task.name, correct=sum(p.correct for p in preds), total=len(preds), predictions=preds,
-                        seconds=time.perf_counter() - t0, new_tokens=sum(p.new_tokens for p in preds))
+    ev = TaskEvaluation.of(task.name, preds, time.perf_counter() - t0)
     return NaiveEval(ev, gens_all, slots)
 
 
@@ -239,13 +239,15 @@ class LazySFTDataset(torch.utils.data.Dataset):
 
     def __init__(self, loaded: LoadedModel, renderer: PromptRenderer, task: TaskSpec, examples: Sequence[Example],
                  max_length: int) -> None:
-        self.loaded, self.renderer, self.task, self.examples, self.max_length = loaded, renderer, task, examples, max_length
+        self.loaded, self.renderer, self.task = loaded, renderer, task
+        self.examples, self.max_length = examples, max_length
 
     def __len__(self) -> int:
         return len(self.examples)
 
     def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
-        ex = build_sft_example(self.loaded.tokenizer, self.renderer, self.task, self.examples[int(idx)], self.max_length)
+        ex = build_sft_example(self.loaded.tokenizer, self.renderer, self.task, self.examples[int(idx)],
+                               self.max_length)
         return {"input_ids": torch.tensor(ex.input_ids), "labels": torch.tensor(ex.labels),
                 "attention_mask": torch.ones(len(ex.input_ids), dtype=torch.long)}
 

@@ -1,8 +1,9 @@
 """The gRPC face of the evaluator: decode the request, run it on the core, encode the answer.
 
 Evaluate streams ``progress`` messages while a worker thread generates, then exactly one
-``result``. Domain errors become status codes through ``service_common.grpc_server.rpc``:
-a bad spec, task or shard is INVALID_ARGUMENT, a missing checkpoint NOT_FOUND.
+``result``. Drift answers a checkpoint's per-row drift in one message. Domain errors become
+status codes through ``service_common.grpc_server.rpc``: a bad spec, task or shard is
+INVALID_ARGUMENT, a missing checkpoint NOT_FOUND.
 """
 
 from __future__ import annotations
@@ -12,14 +13,14 @@ import os
 import queue
 import socket
 import threading
-from typing import Iterator
+from collections.abc import Iterator
 
 import grpc
 
-from evaluator_service.core import EvaluatorCore, JobResult
+from evaluator_service.core import DriftJobResult, EvaluatorCore, JobResult
 from service_common.grpc_server import rpc, rpc_stream
 from service_common.settings import Settings
-from slmcl.storage.local import ArtifactStore
+from slmcl.storage.base import ArtifactStore
 from slmcl_api.v1 import common_pb2, evaluator_pb2, evaluator_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,8 @@ def replica_id(port: int) -> str:
 def encode_result(result: JobResult, replica: str) -> evaluator_pb2.EvaluateResult:
     ev = result.evaluation
     return evaluator_pb2.EvaluateResult(
-        score=common_pb2.TaskScore(task=ev.task, accuracy=result.accuracy, correct=ev.correct, total=ev.total),
+        score=common_pb2.TaskScore(task=ev.task, accuracy=result.accuracy, correct=ev.correct, total=ev.total,
+                                   score_sum=ev.score_sum),
         predictions=[common_pb2.Prediction(**p.as_dict()) for p in ev.predictions],
         seconds=result.seconds,
         replica_id=replica,
@@ -42,16 +44,23 @@ def encode_result(result: JobResult, replica: str) -> evaluator_pb2.EvaluateResu
     )
 
 
+def encode_drift(result: DriftJobResult, replica: str) -> evaluator_pb2.DriftResult:
+    rows = result.rows
+    return evaluator_pb2.DriftResult(kl_to_base=rows.kl_to_base, entropy=rows.entropy, margin=rows.margin,
+                                     num_rows=rows.num_rows, seconds=result.seconds, replica_id=replica)
+
+
 class EvaluatorServicer(evaluator_pb2_grpc.EvaluatorServicer):
     def __init__(self, core: EvaluatorCore) -> None:
         self.core = core
 
     @classmethod
-    def create(cls, settings: Settings, store: ArtifactStore, replica: str) -> "EvaluatorServicer":
+    def create(cls, settings: Settings, store: ArtifactStore, replica: str) -> EvaluatorServicer:
         return cls(EvaluatorCore(settings, store, replica))
 
     @rpc_stream
-    def Evaluate(self, request: evaluator_pb2.EvaluateRequest, context: grpc.ServicerContext) -> Iterator[evaluator_pb2.EvaluateResponse]:
+    def Evaluate(self, request: evaluator_pb2.EvaluateRequest,
+                 context: grpc.ServicerContext) -> Iterator[evaluator_pb2.EvaluateResponse]:
         job = self.core.prepare(
             experiment_id=request.experiment_id, spec_json=request.spec_json, task=request.task,
             shard_index=request.shard_index, shard_count=request.shard_count,
@@ -82,10 +91,19 @@ class EvaluatorServicer(evaluator_pb2_grpc.EvaluatorServicer):
                 raise payload[0]
 
     @rpc
+    def Drift(self, request: evaluator_pb2.DriftRequest, context: grpc.ServicerContext) -> evaluator_pb2.DriftResult:
+        job = self.core.prepare_drift(experiment_id=request.experiment_id, spec_json=request.spec_json,
+                                      checkpoint_prefix=request.checkpoint_prefix)
+        cancelled = threading.Event()
+        context.add_callback(cancelled.set)  # a waiter whose client left gives up its place in the queue
+        return encode_drift(self.core.run_drift(job, cancelled=cancelled), self.core.replica_id)
+
+    @rpc
     def Info(self, request: evaluator_pb2.InfoRequest, context: grpc.ServicerContext) -> evaluator_pb2.InfoResponse:
         return evaluator_pb2.InfoResponse(
             replica_id=self.core.replica_id,
             device=self.core.device(),
             resident_models=self.core.resident_models(),
             requests_served=self.core.requests_served,
+            capacity=self.core.capacity,
         )

@@ -326,11 +326,12 @@ class Control:
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
             self._threads.append(t)
-        # Experiments whose base stage did not finish before a restart.
+        # Experiments whose base stage did not finish before a restart (_base_stage returns at once when it did);
+        # one experiment that cannot be read fails alone, never the monitor.
         for exp_id in self.list_ids():
             if self.state(exp_id) == "running":
-                if base_runs_missing(self.tree(exp_id), self.spec(exp_id)):
-                    threading.Thread(target=self._guard, args=(exp_id, self._base_stage, exp_id), daemon=True).start()
+                threading.Thread(target=self._guard, args=(exp_id, self._base_stage, exp_id), daemon=True,
+                                 name=f"base-{exp_id}").start()
 
     def stop(self) -> None:
         self._stop.set()

@@ -16,7 +16,8 @@ import importlib
 import pkgutil
 import re
 import threading
-from typing import Callable, Generic, Iterator, TypeVar
+from collections.abc import Callable, Iterator
+from typing import Generic, TypeVar
 
 from slmcl.errors import SpecError
 
@@ -38,6 +39,7 @@ class Registry(Generic[T]):
         self.what = what  # "task kind", "strategy", "store": used in messages
         self._package = package
         self._loaded = False
+        self._loading = False
         self._items: dict[str, T] = {}
         self._lock = threading.RLock()
 
@@ -87,19 +89,19 @@ class Registry(Generic[T]):
     def _load_builtins(self) -> None:
         if self._loaded:
             return
-        with self._lock:
-            if self._loaded:
-                return
-            self._loaded = True  # before the imports: a builtin module may look itself up
+        with self._lock:  # other threads wait here until every built-in is registered
+            if self._loaded or self._loading:
+                return  # loaded meanwhile, or a built-in module looking itself up while it registers
+            self._loading = True
             try:
                 if self._package:
                     pkg = importlib.import_module(self._package)
                     for info in pkgutil.iter_modules(pkg.__path__, f"{self._package}."):
                         if not info.name.rsplit(".", 1)[-1].startswith("_"):
                             importlib.import_module(info.name)
-            except BaseException:
-                self._loaded = False
-                raise
+                self._loaded = True
+            finally:
+                self._loading = False
 
 
 def _origin(obj: object) -> str:

@@ -49,8 +49,15 @@ def main(argv: list[str] | None = None) -> int:
     from service_common.settings import Settings
     from trainer_service.worker import TrainerWorker
 
+    from slmcl.errors import SlmclError
+    from slmcl.storage.factory import open_store
+
     settings = Settings()
-    settings.require_s3()
+    try:
+        open_store(settings.store_url)  # a bad URL or missing credentials fail at boot, not in the first job
+    except SlmclError as exc:
+        log.error("%s", exc)
+        return 2
     conn = redis.Redis.from_url(settings.redis_url)
     queue = Queue(settings.queue, connection=conn, serializer=JSONSerializer)
     worker = TrainerWorker(

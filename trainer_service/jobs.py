@@ -31,7 +31,6 @@ import redis
 
 from service_common import keys
 from service_common.datasets import localize
-from service_common.s3_store import PrefixedStore, S3Store
 from service_common.settings import Settings
 from slmcl.models.engine import Engine
 from slmcl.errors import CancelledError, SlmclError
@@ -40,7 +39,9 @@ from slmcl.protocol.records import TrainedStage
 from slmcl.protocol import stages as protocol
 from slmcl.protocol.stages import ResultsTree, RunHooks
 from slmcl.config.spec import ExperimentSpec, spec_from_dict
-from slmcl.storage.local import ArtifactStore
+from slmcl.storage.base import ArtifactStore
+from slmcl.storage.factory import open_store
+from slmcl.storage.prefixed import PrefixedStore
 
 log = logging.getLogger("trainer_service")
 
@@ -234,7 +235,7 @@ def _train_run(settings: Settings, r: redis.Redis, events: RunEvents, experiment
                seed: int, rid: str) -> dict[str, Any]:
     t_job = time.perf_counter()
     _check_stop(r, experiment_id)
-    store = S3Store.from_settings(settings)
+    store = open_store(settings.store_url)
     tree = ResultsTree(PrefixedStore(store, layout.experiment_prefix(experiment_id)))
     spec = load_spec(store, settings, experiment_id)
     for name in order:

@@ -16,14 +16,15 @@ linear-attention layers keep state of another shape, and use the model's own cac
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 
 def _text_config(model: Any) -> Any:
-    config = getattr(model, "config", None)
+    config: Any = getattr(model, "config", None)
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
@@ -67,7 +68,7 @@ class KVSlots:
         """A cache over ``rows`` whose next write lands at column ``length`` (columns before it are the past)."""
         return Cache(layers=[_SlotLayer(self, i, rows, length) for i in range(self.n_layers)])
 
-    def copy_head(self, head: "KVSlots", rows: slice, columns: int) -> None:
+    def copy_head(self, head: KVSlots, rows: slice, columns: int) -> None:
         """Write ``head``'s first ``columns`` slots (its row 0: a shared prompt head) into ``rows``."""
         for layer in range(self.n_layers):
             src_k, src_v = head.keys[layer], head.values[layer]

@@ -1,18 +1,20 @@
-"""Task accuracy of a checkpoint: greedy generation (``slmcl.inference.generation``), then exact match
-after normalization, with every prediction kept for the results directory."""
+"""Task accuracy of a checkpoint: greedy generation (``slmcl.inference.generation``), then the task
+kind's score of each row after normalization (``slmcl.tasks.kinds``), with every prediction kept
+for the results directory."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
-from slmcl.tasks.answers import is_correct
-from slmcl.tasks.data import Example
+from slmcl.config.spec import TaskSpec
 from slmcl.inference.generation import greedy_generate
 from slmcl.models.loading import LoadedModel
+from slmcl.tasks.data import Example
+from slmcl.tasks.kinds import TaskKind, get_task_kind
 from slmcl.tasks.prompts import PromptRenderer
-from slmcl.config.spec import TaskSpec
 
 
 @dataclass(frozen=True)
@@ -24,8 +26,9 @@ class Prediction:
     prediction: str
     raw_output: str
     hit_max_tokens: bool
-    correct: bool
+    correct: bool  # score == 1.0
     new_tokens: int
+    score: float  # the task kind's score of this row, in [0, 1]
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -34,19 +37,38 @@ class Prediction:
 @dataclass(frozen=True)
 class TaskEvaluation:
     task: str
-    correct: int
+    correct: int  # rows that scored 1.0
     total: int
     predictions: list[Prediction]
     seconds: float
     new_tokens: int
+    score_sum: float  # sum of the rows' scores: shards add up exactly, and equals ``correct`` for exact-match kinds
 
     @property
     def accuracy(self) -> float:
-        return self.correct / self.total if self.total else float("nan")
+        """The mean row score (correct / total for exact-match kinds)."""
+        return self.score_sum / self.total if self.total else float("nan")
 
     def score(self) -> dict[str, Any]:
         """What a stage record keeps of it (the predictions go to their own file)."""
-        return {"accuracy": self.accuracy, "correct": self.correct, "total": self.total}
+        return {"accuracy": self.accuracy, "correct": self.correct, "total": self.total, "score_sum": self.score_sum}
+
+    @classmethod
+    def of(cls, task: str, predictions: list[Prediction], seconds: float) -> TaskEvaluation:
+        """The totals of ``predictions``, so every evaluator (ours, the naive bench) sums them the same way."""
+        return cls(task=task, correct=sum(p.correct for p in predictions), total=len(predictions),
+                   predictions=predictions, seconds=seconds, new_tokens=sum(p.new_tokens for p in predictions),
+                   score_sum=sum(p.score for p in predictions))
+
+
+def score_prediction(
+    kind: TaskKind, example: Example, raw: str, hit_max_tokens: bool, new_tokens: int, extra_markers: Sequence[str]
+) -> Prediction:
+    """One row's prediction record, scored by its task's kind."""
+    pred, gold, score = kind.evaluate(raw, example.answer, extra_markers)
+    return Prediction(index=example.index, prompt=example.prompt, gold=example.answer, gold_normalized=gold,
+                      prediction=pred, raw_output=raw, hit_max_tokens=hit_max_tokens, correct=score == 1.0,
+                      new_tokens=new_tokens, score=score)
 
 
 def one_task_progress(on_progress: Callable[[int, int], None] | None) -> Callable[[str, int, int], None] | None:
@@ -54,9 +76,12 @@ def one_task_progress(on_progress: Callable[[int, int], None] | None) -> Callabl
     return None if on_progress is None else (lambda _task, done, total: on_progress(done, total))
 
 
-def render_prompt_ids(loaded: LoadedModel, renderer: PromptRenderer, task: TaskSpec, examples: Sequence[Example]) -> list[list[int]]:
+def render_prompt_ids(
+    loaded: LoadedModel, renderer: PromptRenderer, task: TaskSpec, examples: Sequence[Example]
+) -> list[list[int]]:
+    kind = get_task_kind(task.kind)
     return [
-        loaded.tokenizer(renderer.prompt_text(task.instruction, ex.prompt), add_special_tokens=False).input_ids
+        loaded.tokenizer(renderer.prompt_text(task.instruction, ex.prompt, kind), add_special_tokens=False).input_ids
         for ex in examples
     ]
 
@@ -101,15 +126,14 @@ def evaluate_tasks(
     seconds = time.perf_counter() - t0
     out, offset = [], 0
     for task, examples in work:
-        preds: list[Prediction] = []
-        for ex, gen in zip(examples, gens[offset: offset + len(examples)]):
-            raw = loaded.tokenizer.decode(gen.token_ids, skip_special_tokens=False)
-            pred, gold, ok = is_correct(raw, ex.answer, task.kind, extra_markers=loaded.special_tokens)
-            preds.append(Prediction(ex.index, ex.prompt, ex.answer, gold, pred, raw, gen.hit_max_tokens, ok,
-                                    len(gen.token_ids)))
+        kind = get_task_kind(task.kind)
+        preds = [
+            score_prediction(kind, ex, loaded.tokenizer.decode(gen.token_ids, skip_special_tokens=False),
+                             gen.hit_max_tokens, len(gen.token_ids), loaded.special_tokens)
+            for ex, gen in zip(examples, gens[offset: offset + len(examples)])
+        ]
         offset += len(examples)
-        out.append(TaskEvaluation(task=task.name, correct=sum(p.correct for p in preds), total=len(preds),
-                                  predictions=preds, seconds=seconds, new_tokens=sum(p.new_tokens for p in preds)))
+        out.append(TaskEvaluation.of(task.name, preds, seconds))
     return out
 
 

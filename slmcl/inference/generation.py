@@ -11,13 +11,14 @@ gives the same tokens as the row alone. The stability pass uses the same prefill
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 
-from slmcl.training.batching import length_batches
 from slmcl.inference.decode_cache import KVSlots, num_layers, supports_slots
+from slmcl.training.batching import length_batches
 
 
 @dataclass(frozen=True)
@@ -113,8 +114,8 @@ class _SlotBatch:
         self.slots.mask[:n, self.length] = 1
         self.last_pos = self.last_pos + 1
         out = self.model(input_ids=self.next_tok[:, None], attention_mask=self.slots.mask[:n, : self.length + 1],
-                         position_ids=self.last_pos[:, None], past_key_values=self.slots.cache(slice(0, n), self.length),
-                         use_cache=True)
+                         position_ids=self.last_pos[:, None],
+                         past_key_values=self.slots.cache(slice(0, n), self.length), use_cache=True)
         self.length += 1
         self.next_tok = out.logits[:, -1, :].argmax(-1)
 
@@ -193,7 +194,8 @@ def _heads(model: Any, prompts: Sequence[list[int]], segments: Sequence[Any], sh
     return heads
 
 
-def _groups(prompts: Sequence[list[int]], segments: Sequence[Any] | None, batch_size: int) -> tuple[list[Any], list[list[int]]]:
+def _groups(prompts: Sequence[list[int]], segments: Sequence[Any] | None,
+            batch_size: int) -> tuple[list[Any], list[list[int]]]:
     """Rows in batches of up to ``batch_size``, longest first within a segment.
 
     Whole segments are packed into a batch while they fit; a segment is split only when it

@@ -4,27 +4,30 @@ For each reference row: render it exactly as for evaluation, one forward pass (t
 task's rows share is fed once for all of them, as in generation), the distribution at
 the row's *last* position (left padding puts it at index -1 for every
 row; reading ``attention_mask.sum() - 1`` there is the bug that understated KL 5-10x in
-the study's first release). KL(p_k || p_0), entropy and top-2 log-prob margin per row,
-summarized as mean / p10 / p95. The base distributions p_0 never change, so they are
-computed once per (model, reference file, rendering) and cached; a checkpoint costs one
-forward per row, never a second adapter-disabled pass.
+the study's first release). KL(p_k || p_0), entropy and top-2 log-prob margin per row, in
+float64 (``drift_rows``), summarized as mean / p10 / p95 by ``slmcl.protocol.drift.summarize_drift``,
+pure Python, so the monitor aggregates an evaluator's rows with the very same function. The base
+distributions p_0 never change, so they are computed once per (model, reference file, rendering)
+and cached; a checkpoint costs one forward per row, never a second adapter-disabled pass.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 
-from slmcl.tasks.data import Example
+from slmcl.config.spec import BUILTIN_TASKS
 from slmcl.inference.generation import last_position_logits
 from slmcl.models.loading import LoadedModel
+from slmcl.protocol.drift import DriftRows, summarize_drift
+from slmcl.protocol.tables import STAT_NAMES
+from slmcl.tasks.data import Example
 from slmcl.tasks.prompts import PromptRenderer
-from slmcl.protocol.results import STAT_NAMES
-from slmcl.config.spec import BUILTIN_TASKS
 
 
 def reference_prompt_ids(
@@ -73,13 +76,25 @@ def row_stats(logp: torch.Tensor, base_logp: torch.Tensor | None) -> dict[str, t
     return {"kl_to_base": kl, "entropy": entropy, "margin": margin}
 
 
-def summarize(values: torch.Tensor) -> dict[str, float]:
-    v = values.double()
-    return {
-        "mean": float(v.mean()),
-        "p10": float(torch.quantile(v, 0.10)),
-        "p95": float(torch.quantile(v, 0.95)),
-    }
+ROW_CHUNK_BYTES = 64 * 1024 * 1024  # one float64 [rows, vocab] temporary of row_stats, at most
+
+
+def drift_rows(logp: torch.Tensor, base_logp: torch.Tensor | None) -> DriftRows:
+    """Per-row drift (float64) as plain lists: what an evaluator returns and the summary reads.
+
+    Rows go through ``row_stats`` in chunks: its float64 temporaries of a whole reference set
+    (rows x vocab, several of them) would be gigabytes for a large vocabulary. Each row's
+    statistics are reductions over its own vocabulary only, so chunking changes no value.
+    """
+    if base_logp is not None and base_logp.shape != logp.shape:
+        raise ValueError(f"drift: checkpoint log-probs {tuple(logp.shape)} and base {tuple(base_logp.shape)} differ")
+    step = max(1, ROW_CHUNK_BYTES // (8 * max(1, logp.shape[-1])))
+    out: dict[str, list[float]] = {name: [] for name in STAT_NAMES}
+    for i in range(0, logp.shape[0], step):
+        stats = row_stats(logp[i:i + step], None if base_logp is None else base_logp[i:i + step])
+        for name in STAT_NAMES:
+            out[name] += stats[name].tolist()
+    return DriftRows(**out)
 
 
 @dataclass(frozen=True)
@@ -90,24 +105,18 @@ class StabilitySummary:
     def as_dict(self) -> dict[str, Any]:
         return {"num_reference_examples": self.num_reference_examples, **self.values}
 
+    @classmethod
+    def of(cls, rows: DriftRows, base: DriftRows | None) -> StabilitySummary:
+        """The summary of per-row drift, by the one aggregation every mode uses (``summarize_drift``)."""
+        summary = summarize_drift(rows, base)
+        n = summary.pop("num_reference_examples")
+        return cls(int(n), summary)
+
 
 def stability_summary(logp: torch.Tensor, base_logp: torch.Tensor | None) -> StabilitySummary:
-    stats = row_stats(logp, base_logp)
-    values: dict[str, float] = {}
-    for name in STAT_NAMES:
-        for key, val in summarize(stats[name]).items():
-            values[f"{name}_{key}"] = val
-    if base_logp is not None:
-        base = row_stats(base_logp, None)
-        values["entropy_delta_mean"] = values["entropy_mean"] - float(base["entropy"].mean())
-        values["margin_delta_mean"] = values["margin_mean"] - float(base["margin"].mean())
-        for name in ("entropy", "margin"):
-            for key, val in summarize(base[name]).items():
-                values[f"base_{name}_{key}"] = val
-    else:
-        values["entropy_delta_mean"] = 0.0
-        values["margin_delta_mean"] = 0.0
-    return StabilitySummary(int(logp.shape[0]), values)
+    """Drift of ``logp`` from ``base_logp`` (None: ``logp`` is the base itself), summarized."""
+    base = drift_rows(base_logp, None) if base_logp is not None else None
+    return StabilitySummary.of(drift_rows(logp, base_logp), base)
 
 
 def base_cache_key(loaded: LoadedModel, reference_sha256: str, renderer: PromptRenderer,

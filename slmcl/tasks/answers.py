@@ -1,6 +1,6 @@
-"""Answer normalization: exact match after normalization, applied to gold and prediction alike.
+"""Answer normalization rules, applied to gold and prediction alike by the task kinds (``slmcl.tasks.kinds``).
 
-The default rules are the study's own, so its accuracy numbers can be reproduced; the two
+The multiple-choice and numeric rules are the study's own, so its accuracy numbers can be reproduced; the two
 places where they differ are deliberate fixes, flagged where they happen:
 
 * every chat template's end-of-turn marker is removed, not only Qwen's (the study left
@@ -15,9 +15,8 @@ files without the GPU stack.
 from __future__ import annotations
 
 import re
+import string
 from collections.abc import Sequence
-
-ANSWER_KINDS: tuple[str, ...] = ("multiple_choice", "numeric")
 
 # Markers of the chat templates users are likely to run (ChatML/Qwen, Llama 3, Gemma,
 # Phi-3, Mistral/Llama 2, GPT-2-style). Start markers are listed too: a model that runs past
@@ -80,6 +79,8 @@ _NUMBER_MARKERS: tuple[re.Pattern[str], ...] = tuple(
 )
 _PLAIN_NUMBER = re.compile(r"(-?)(\d+)(?:\.(\d+))?")
 _TRAILING_PUNCTUATION = ".$,;:"
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = frozenset(string.punctuation)
 
 
 def clean_output(text: str, extra_markers: Sequence[str] = ()) -> str:
@@ -140,7 +141,8 @@ def normalize_number(text: str) -> str:
     return f"{sign}{number}"
 
 
-def _last_number(text: str) -> str | None:
+def last_number(text: str) -> str | None:
+    """The last number written in ``text`` as spelled there, or None when it has none."""
     numbers = _NUMBER.findall(text)
     return numbers[-1] if numbers else None
 
@@ -155,53 +157,21 @@ def extract_number(text: str) -> str:
     for pattern in _NUMBER_MARKERS:
         match = pattern.search(text)
         if match:
-            number = _last_number(text[match.end() :])
+            number = last_number(text[match.end() :])
             if number is not None:
                 return normalize_number(number)
-    number = _last_number(text)
+    number = last_number(text)
     if number is not None:
         return normalize_number(number)
     return _last_line_upper(text)
 
 
-def _check_kind(kind: str) -> None:
-    if kind not in ANSWER_KINDS:
-        raise ValueError(f"unknown answer kind {kind!r}; expected one of {', '.join(ANSWER_KINDS)}")
+def normalize_free_text(text: str) -> str:
+    """SQuAD's answer normalization: lower case, no punctuation, no articles, single spaces.
 
-
-def normalize_answer(text: str, kind: str, extra_markers: Sequence[str] = ()) -> str:
-    """The comparable form of a raw answer; the same function serves gold and prediction."""
-    _check_kind(kind)
-    cleaned = clean_output(text, extra_markers)
-    if kind == "multiple_choice":
-        return extract_choice(cleaned)
-    return extract_number(cleaned)
-
-
-def training_target(answer: str, kind: str) -> str:
-    """The assistant text a model is fine-tuned to produce: just the answer, as in the study.
-
-    ScienceQA's gold is "letter\\nrationale"; training on the rationale would teach the model
-    to write it, so only the letter is kept. Numeric golds keep their final number, and word
-    golds ("Friday") keep their original casing because the model should learn to write them
-    naturally; scoring upper-cases both sides anyway.
+    Expects text already through ``clean_output``. The steps and their order are SQuAD's
+    evaluation script's, so token-F1 numbers compare with published ones.
     """
-    _check_kind(kind)
-    if kind == "multiple_choice":
-        lines = [line.strip() for line in answer.splitlines() if line.strip()]
-        first = lines[0] if lines else ""
-        if len(first) == 1 and first.upper() in "ABCDE":
-            return first.upper()
-        return extract_choice(first)
-    if _last_number(answer) is None:
-        return answer.strip()
-    return normalize_answer(answer, "numeric")
-
-
-def is_correct(
-    prediction_raw: str, gold_raw: str, kind: str, extra_markers: Sequence[str] = ()
-) -> tuple[str, str, bool]:
-    """Score one prediction; the normalized pair is returned so reports can show why it failed."""
-    prediction = normalize_answer(prediction_raw, kind, extra_markers)
-    gold = normalize_answer(gold_raw, kind, extra_markers)
-    return prediction, gold, prediction == gold
+    lowered = text.lower()
+    no_punctuation = "".join(ch for ch in lowered if ch not in _PUNCTUATION)
+    return " ".join(_ARTICLES.sub(" ", no_punctuation).split())

@@ -1,9 +1,10 @@
 """Prompt rendering: the same text for training, evaluation and the stability pass.
 
-The user message is the task instruction, a blank line, then the example prompt (the
-study's layout). No system message unless the spec asks for one; a template that injects
-its own default (SmolLM2's does) keeps it, exactly as in the study. ``raw_prompts`` skips
-the chat template for base models that have none.
+The user message is the task kind's (``TaskKind.user_message``); every built-in kind uses the
+study's layout: the task instruction, a blank line, then the example prompt. No system
+message unless the spec asks for one; a template that injects its own default (SmolLM2's
+does) keeps it, exactly as in the study. ``raw_prompts`` skips the chat template for base
+models that have none.
 """
 
 from __future__ import annotations
@@ -12,12 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from slmcl.config.spec import ChatSpec
-
-
-def user_message(instruction: str, prompt: str) -> str:
-    if not instruction.strip():
-        return prompt.strip()
-    return f"{instruction.strip()}\n\n{prompt.strip()}"
+from slmcl.tasks.kinds import TaskKind, default_user_message
 
 
 @dataclass(frozen=True)
@@ -25,11 +21,12 @@ class PromptRenderer:
     tokenizer: Any
     chat: ChatSpec
 
-    def _messages(self, instruction: str, prompt: str) -> list[dict[str, str]]:
+    def _messages(self, instruction: str, prompt: str, kind: TaskKind | None) -> list[dict[str, str]]:
         messages = []
         if self.chat.system_prompt:
             messages.append({"role": "system", "content": self.chat.system_prompt})
-        messages.append({"role": "user", "content": user_message(instruction, prompt)})
+        content = default_user_message(instruction, prompt) if kind is None else kind.user_message(instruction, prompt)
+        messages.append({"role": "user", "content": content})
         return messages
 
     def _template(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
@@ -39,17 +36,21 @@ class PromptRenderer:
             messages, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs
         )
 
-    def prompt_text(self, instruction: str, prompt: str) -> str:
-        """The text the model continues from (generation prompt included)."""
+    def prompt_text(self, instruction: str, prompt: str, kind: TaskKind | None = None) -> str:
+        """The text the model continues from (generation prompt included).
+
+        ``kind`` renders the user message; without one (the stability reference set, which mixes
+        tasks) the study's layout is used, which is also what every built-in kind renders.
+        """
         if self.chat.raw_prompts:
             return prompt
-        return self._template(self._messages(instruction, prompt), add_generation_prompt=True)
+        return self._template(self._messages(instruction, prompt, kind), add_generation_prompt=True)
 
-    def full_text(self, instruction: str, prompt: str, target: str) -> str:
+    def full_text(self, instruction: str, prompt: str, target: str, kind: TaskKind | None = None) -> str:
         """Prompt plus the assistant's answer and the template's end-of-turn, for training."""
         if self.chat.raw_prompts:
             return prompt + target + (self.tokenizer.eos_token or "")
-        messages = self._messages(instruction, prompt) + [{"role": "assistant", "content": target}]
+        messages = self._messages(instruction, prompt, kind) + [{"role": "assistant", "content": target}]
         return self._template(messages, add_generation_prompt=False)
 
     def fingerprint(self) -> dict[str, Any]:

@@ -12,24 +12,28 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import grpc
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from monitor_service.evaluators import EvaluatorPool, drift_rows
 from service_common.datasets import map_paths, sha256_hex
 from service_common.grpc_server import channel
-from service_common.keys import STORE_PREFIX, dataset_key
+from service_common.keys import STORE_PREFIX
 from service_common.local_servers import free_port, stop_pid
 from service_common.s3_store import S3Store
 from service_common.settings import Settings
-from slmcl.models.engine import Engine
-from slmcl.inference.evaluation import Prediction, TaskEvaluation
 from slmcl.config.spec import ExperimentSpec, spec_from_dict
+from slmcl.inference.evaluation import Prediction, TaskEvaluation
+from slmcl.models.engine import Engine
+from slmcl.protocol.drift import summarize_drift
+from slmcl.protocol.layout import dataset_key
 from slmcl.storage.local import put_dir
 from slmcl_api.v1 import evaluator_pb2, evaluator_pb2_grpc
 from tests.conftest import REPO, tiny_spec_dict
@@ -129,7 +133,8 @@ def request(spec_json: str, task: str, *, prefix: str = "", shard_index: int = 0
                                          task=task, shard_index=shard_index, shard_count=shard_count)
 
 
-def evaluate(ev: Evaluator, req: evaluator_pb2.EvaluateRequest) -> tuple[list[evaluator_pb2.EvaluateResponse], evaluator_pb2.EvaluateResult]:
+def evaluate(ev: Evaluator, req: evaluator_pb2.EvaluateRequest
+             ) -> tuple[list[evaluator_pb2.EvaluateResponse], evaluator_pb2.EvaluateResult]:
     messages = list(ev.stub.Evaluate(req, timeout=120))
     results = [m.result for m in messages if m.HasField("result")]
     assert len(results) == 1, f"expected exactly one result, got {len(results)}"
@@ -291,11 +296,13 @@ def test_grpcurl_lists_the_services(evaluator: Evaluator) -> None:
 
 
 # -- 7. Info ------------------------------------------------------------------------------------
-def test_info_counts_requests_and_keeps_the_model_resident(evaluator: Evaluator, make_spec, tiny_model_dir: Path) -> None:  # type: ignore[no-untyped-def]
+def test_info_counts_requests_and_keeps_the_model_resident(
+        evaluator: Evaluator, make_spec, tiny_model_dir: Path) -> None:  # type: ignore[no-untyped-def]
     before = evaluator.stub.Info(evaluator_pb2.InfoRequest(), timeout=10)
     assert before.replica_id == evaluator.replica_id
     assert before.requests_served == 0 and list(before.resident_models) == []
     assert before.device == "cpu"
+    assert before.capacity == 1  # SLMCL_EVALUATOR_CAPACITY's default
 
     spec = make_spec()
     spec_json = ship(evaluator.store, spec)
@@ -311,3 +318,41 @@ def test_info_counts_requests_and_keeps_the_model_resident(evaluator: Evaluator,
     assert after.requests_served == 3  # results served; the failed request is not counted
     assert list(after.resident_models) == [str(tiny_model_dir)]
     assert evaluator.log_text().count(f"loaded {tiny_model_dir} on") == 1  # the base model was loaded once
+
+
+# -- 8. drift: per-row, against the cached p_0, equal to the embedded engine's -----------------
+def test_drift_rows_equal_the_embedded_engine(evaluator: Evaluator, engine: Engine, make_spec,
+                                              tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    spec = make_spec()
+    engine.use_spec(spec)
+    spec_json = ship(evaluator.store, spec)
+    prefix = "experiments/exp-test/checkpoints/o0-s7/step-1"
+    try:
+        put_dir(evaluator.store, prefix, make_adapter(engine, tmp_path / "adapter", seed=11))
+        local = engine.drift_rows()
+        local_base = engine.drift_rows(base=True)
+        local_summary = engine.stability().as_dict()
+    finally:
+        engine.reset_adapter(0)
+
+    def drift(checkpoint: str) -> evaluator_pb2.DriftResult:
+        return evaluator.stub.Drift(evaluator_pb2.DriftRequest(experiment_id="exp-test", spec_json=spec_json,
+                                                               checkpoint_prefix=checkpoint), timeout=120)
+
+    base = drift("")
+    assert base.num_rows == 6 and list(base.kl_to_base) == [0.0] * 6
+    assert base.replica_id == evaluator.replica_id and base.seconds > 0
+    assert evaluator.store.list_keys("cache/base-reference-logp")  # p_0 cached for every replica
+    adapted = drift(prefix)
+    assert min(adapted.kl_to_base) > 1e-4
+    assert drift_rows(adapted) == local, "the replica's rows are the embedded engine's, bit for bit"
+    assert drift_rows(base) == local_base
+    assert summarize_drift(drift_rows(adapted), drift_rows(base)) == local_summary
+
+    # The monitor's client: the same rows, and the pool's capacity from Info.
+    pool = EvaluatorPool(evaluator.address)
+    assert pool.capacity() == 1
+    assert drift_rows(pool.drift(evaluator_pb2.DriftRequest(spec_json=spec_json, checkpoint_prefix=prefix))) == local
+    with pytest.raises(grpc.RpcError) as err:
+        drift("experiments/exp-test/checkpoints/none/step-9")
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND

@@ -1,26 +1,25 @@
-"""Answer normalization: hand-worked cases for each rule of DESIGN.md §1 "Scoring"."""
+"""Answer normalization: hand-worked cases for each rule of DESIGN.md §1 "Scoring".
+
+The rules live in ``slmcl.tasks.answers``; the exact-match kinds (``slmcl.tasks.kinds``) apply
+them, so they are exercised here through the kinds, as the evaluation uses them.
+"""
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import pytest
 
 from slmcl.tasks.answers import (
-    ANSWER_KINDS,
     END_MARKERS,
     clean_output,
     extract_choice,
     extract_number,
-    is_correct,
-    normalize_answer,
     normalize_number,
-    training_target,
 )
+from slmcl.tasks.kinds import get_task_kind
 
 
-def test_answer_kinds() -> None:
-    assert ANSWER_KINDS == ("multiple_choice", "numeric")
+def normalize_answer(text: str, kind: str) -> str:
+    return get_task_kind(kind).normalize(text)
 
 
 @pytest.mark.parametrize(
@@ -166,37 +165,27 @@ def test_normalize_number(raw: str, expected: str) -> None:
     ],
 )
 def test_training_target(answer: str, kind: str, expected: str) -> None:
-    assert training_target(answer, kind) == expected
+    assert get_task_kind(kind).training_target(answer) == expected
 
 
 @pytest.mark.parametrize(
     ("prediction", "gold", "kind", "expected"),
     [
-        ("The answer is B.", "B\nA clause is a group of words.", "multiple_choice", ("B", "B", True)),
-        ("C<|im_end|>", "B\nrationale", "multiple_choice", ("C", "B", False)),
-        ('{"answer": "A"}<|eot_id|>', "A", "multiple_choice", ("A", "A", True)),
-        ("186", "186.0", "numeric", ("186", "186", True)),
-        ("Friday<|im_end|>", "friday", "numeric", ("FRIDAY", "FRIDAY", True)),
-        ("Friday<end_of_turn>", "Friday", "numeric", ("FRIDAY", "FRIDAY", True)),
-        ("Monday", "Friday", "numeric", ("MONDAY", "FRIDAY", False)),
-        ("Therefore, 1,234", "1234", "numeric", ("1234", "1234", True)),
+        ("The answer is B.", "B\nA clause is a group of words.", "multiple_choice", ("B", "B", 1.0)),
+        ("C<|im_end|>", "B\nrationale", "multiple_choice", ("C", "B", 0.0)),
+        ('{"answer": "A"}<|eot_id|>', "A", "multiple_choice", ("A", "A", 1.0)),
+        ("186", "186.0", "numeric", ("186", "186", 1.0)),
+        ("Friday<|im_end|>", "friday", "numeric", ("FRIDAY", "FRIDAY", 1.0)),
+        ("Friday<end_of_turn>", "Friday", "numeric", ("FRIDAY", "FRIDAY", 1.0)),
+        ("Monday", "Friday", "numeric", ("MONDAY", "FRIDAY", 0.0)),
+        ("Therefore, 1,234", "1234", "numeric", ("1234", "1234", 1.0)),
     ],
 )
-def test_is_correct(prediction: str, gold: str, kind: str, expected: tuple[str, str, bool]) -> None:
-    assert is_correct(prediction, gold, kind) == expected
+def test_evaluate(prediction: str, gold: str, kind: str, expected: tuple[str, str, float]) -> None:
+    assert get_task_kind(kind).evaluate(prediction, gold) == expected
 
 
-def test_is_correct_extra_markers_apply_to_both_sides() -> None:
-    assert is_correct("Friday<|x|>", "Friday", "numeric")[2] is False
-    assert is_correct("Friday<|x|>", "Friday", "numeric", extra_markers=["<|x|>"]) == ("FRIDAY", "FRIDAY", True)
-
-
-@pytest.mark.parametrize("call", [lambda: normalize_answer("A", "free_text"), lambda: training_target("A", "mc")])
-def test_unknown_kind_names_the_allowed_kinds(call: Callable[[], object]) -> None:
-    with pytest.raises(ValueError, match="multiple_choice, numeric"):
-        call()
-
-
-def test_unknown_kind_in_is_correct() -> None:
-    with pytest.raises(ValueError, match="unknown answer kind 'boolean'"):
-        is_correct("A", "A", "boolean")
+def test_extra_markers_apply_to_both_sides() -> None:
+    numeric = get_task_kind("numeric")
+    assert numeric.evaluate("Friday<|x|>", "Friday")[2] == 0.0
+    assert numeric.evaluate("Friday<|x|>", "Friday", extra_markers=["<|x|>"]) == ("FRIDAY", "FRIDAY", 1.0)

@@ -7,18 +7,20 @@ summarized as mean / p10 / p95 with ``torch.quantile``.
 
 from __future__ import annotations
 
+import math
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from slmcl.tasks.data import load_examples
-from slmcl.models.engine import Engine
-from slmcl.models.loading import attach_lora, load_model
-from slmcl.tasks.prompts import PromptRenderer
 from slmcl.config.spec import ChatSpec, LoraSpec, ModelSpec, spec_from_dict
+from slmcl.errors import SpecError
+from slmcl.inference import stability as stability_module
 from slmcl.inference.stability import (
+    drift_rows,
     last_position_logprobs,
     reference_prompt_ids,
     row_stats,
@@ -26,8 +28,16 @@ from slmcl.inference.stability import (
     tensor_from_bytes,
     tensor_to_bytes,
 )
+from slmcl.models.dtype import compute_dtype
+from slmcl.models.engine import Engine
+from slmcl.models.loading import attach_lora, load_model, resolve_dtype
+from slmcl.models.lru import LRU
+from slmcl.protocol.drift import DriftRows, quantile, summarize_drift
+from slmcl.protocol.tables import STABILITY_COLUMNS, STAT_NAMES
 from slmcl.storage.local import LocalStore
-from tests.conftest import tiny_spec_dict
+from slmcl.tasks.data import load_examples
+from slmcl.tasks.prompts import PromptRenderer
+from tests.conftest import REPO, tiny_spec_dict
 
 CPU = torch.device("cpu")
 CACHE_PREFIX = "cache/base-reference-logp"
@@ -230,3 +240,151 @@ def test_rows_of_one_task_share_their_head_and_get_the_same_distributions(tiny_m
     assert sum(forwards) == len(rows)
     assert max(widths) < max(len(p) for p in prompts), "every forward after the heads fed tails only"
     assert (shared - full).abs().max() < 1e-4
+
+
+# -- one aggregation: summarize_drift (pure Python) against the torch path --------------------
+
+
+def torch_summary(rows: DriftRows, base: DriftRows | None) -> dict[str, float]:
+    """What stability_summary computed before the aggregation moved out of torch: the reference."""
+    out: dict[str, float] = {"num_reference_examples": rows.num_rows}
+    for name in STAT_NAMES:
+        for key, value in summary_of(torch.tensor(getattr(rows, name), dtype=torch.float64)).items():
+            out[f"{name}_{key}"] = value
+    if base is None:
+        out.update(entropy_delta_mean=0.0, margin_delta_mean=0.0)
+        return out
+    b = {n: torch.tensor(getattr(base, n), dtype=torch.float64) for n in ("entropy", "margin")}
+    out["entropy_delta_mean"] = out["entropy_mean"] - float(b["entropy"].mean())
+    out["margin_delta_mean"] = out["margin_mean"] - float(b["margin"].mean())
+    for name, values in b.items():
+        for key, value in summary_of(values).items():
+            out[f"base_{name}_{key}"] = value
+    return out
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 10, 21, 100, 1001])
+def test_summarize_drift_matches_torch_on_random_data(n: int) -> None:
+    g = torch.Generator().manual_seed(n)
+
+    def rows(scale: float) -> DriftRows:
+        kl = (torch.randn(n, generator=g, dtype=torch.float64) * scale).abs()
+        kl[: n // 4] = kl[0]  # ties, as a quantized model gives
+        return DriftRows(kl.tolist(), (torch.rand(n, generator=g, dtype=torch.float64) * 9).tolist(),
+                         (torch.randn(n, generator=g, dtype=torch.float64) * 1e3).tolist())
+
+    ckpt, base = rows(0.3), rows(1e-6)
+    for b in (None, base):
+        got, want = summarize_drift(ckpt, b), torch_summary(ckpt, b)
+        assert list(got) == list(want)  # the same keys, in the record's order
+        for key, value in want.items():
+            assert got[key] == pytest.approx(value, rel=1e-12, abs=1e-12), key
+        for key in ("p10", "p95"):  # the quantiles are torch's, bit for bit
+            assert got[f"margin_{key}"] == want[f"margin_{key}"]
+    stat_columns = [c for c in STABILITY_COLUMNS if c not in ("seed", "step", "checkpoint_task", "order", "model")]
+    assert set(stat_columns) <= set(summarize_drift(ckpt, base))
+    assert set(stat_columns) == set(summarize_drift(ckpt, None))
+
+
+def test_stability_summary_is_summarize_drift_of_the_rows() -> None:
+    torch.manual_seed(3)
+    logp = torch.log_softmax(torch.randn(11, 40) * 2, dim=-1)
+    base = torch.log_softmax(torch.randn(11, 40) * 2, dim=-1)
+    rows, base_rows = drift_rows(logp, base), drift_rows(base, None)
+    assert base_rows.kl_to_base == [0.0] * 11 and rows.num_rows == 11
+    stats = row_stats(logp, base)
+    assert rows.kl_to_base == stats["kl_to_base"].tolist() and rows.margin == stats["margin"].tolist()
+    assert stability_summary(logp, base).as_dict() == summarize_drift(rows, base_rows)
+    assert stability_summary(logp, None).as_dict() == summarize_drift(drift_rows(logp, None), None)
+
+
+def test_drift_rows_in_chunks_equal_one_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(4)
+    logp = torch.log_softmax(torch.randn(9, 64) * 2, dim=-1)
+    base = torch.log_softmax(torch.randn(9, 64) * 2, dim=-1)
+    whole = drift_rows(logp, base)
+    monkeypatch.setattr(stability_module, "ROW_CHUNK_BYTES", 2 * 8 * 64)  # two rows a chunk
+    assert drift_rows(logp, base) == whole
+    with pytest.raises(ValueError, match="differ"):
+        drift_rows(logp, base[:5])
+
+
+def test_drift_rows_validation_and_empty() -> None:
+    with pytest.raises(ValueError, match="one value per reference row"):
+        DriftRows([0.0, 0.0], [1.0], [1.0, 2.0])
+    with pytest.raises(ValueError, match="not the same reference set"):
+        summarize_drift(DriftRows([0.0], [1.0], [1.0]), DriftRows([0.0] * 2, [1.0] * 2, [1.0] * 2))
+    empty = summarize_drift(DriftRows(), None)
+    assert empty["num_reference_examples"] == 0 and math.isnan(empty["kl_to_base_mean"])
+    assert math.isnan(quantile([1.0, math.nan], 0.5))
+    assert quantile([5.0], 0.95) == 5.0 and quantile([0.0, 10.0], 0.10) == pytest.approx(1.0)
+
+
+def test_the_aggregation_imports_no_torch() -> None:
+    code = "import sys, slmcl.protocol.drift; print(sorted(m for m in ('torch', 'numpy') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO).stdout
+    assert out.strip() == "[]"
+
+
+def test_engine_drift_rows_and_stability_share_the_aggregation(tiny_model_dir: Path, data_dir: Path,
+                                                              tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "store")
+    engine = make_engine(tiny_model_dir, data_dir, tmp_path)
+    randomize_lora_b(engine.model, seed=2)
+    base_rows = engine.drift_rows(store, base=True)
+    rows = engine.drift_rows(store)
+    assert base_rows.kl_to_base == [0.0] * 6 and min(rows.kl_to_base) > 0
+    assert engine.stability(store).as_dict() == summarize_drift(rows, base_rows)
+    assert engine.stability(store, base=True).as_dict() == summarize_drift(base_rows, None)
+    p0 = engine.base_logprobs(store)
+    assert rows == drift_rows(engine._logprobs(engine.model), p0)
+
+    # A replica's shared p_0 cache: a second engine on the same base takes p_0 from it, no forward, no store.
+    cache: LRU[str, torch.Tensor] = LRU(max_bytes=1 << 30, size=lambda t: t.numel() * t.element_size())
+    first = make_engine(tiny_model_dir, data_dir, tmp_path)
+    first.base_logprobs(None, cache)
+    assert first.forward_passes == 6 and list(cache) == [first.reference().cache_key]
+    second = make_engine(tiny_model_dir, data_dir, tmp_path)
+    assert torch.equal(second.base_logprobs(None, cache), p0)
+    assert second.forward_passes == 0
+
+
+# -- the dtype rule and the bounded cache ---------------------------------------------------
+
+
+def test_one_dtype_rule_for_every_mode(tiny_model_dir: Path) -> None:
+    assert compute_dtype("auto", torch.device("cpu")) == torch.float32
+    assert compute_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    assert compute_dtype("float16", torch.device("cpu")) == torch.float16
+    with pytest.raises(SpecError, match="model.dtype"):
+        compute_dtype("float8", torch.device("cpu"))
+    assert resolve_dtype("auto", torch.device("cuda")) == compute_dtype("auto", torch.device("cuda"))
+    assert load_model(ModelSpec(name=str(tiny_model_dir)), "cpu").dtype == compute_dtype("auto", CPU)
+
+
+def test_lru_bounds_by_count_and_bytes() -> None:
+    evicted: list[str] = []
+    lru: LRU[str, bytes] = LRU(max_items=2, on_evict=lambda k, _v: evicted.append(k))
+    lru.put("a", b"1")
+    lru.put("b", b"2")
+    assert lru.get("a") == b"1"  # a is now the most recent
+    lru.put("c", b"3")
+    assert evicted == ["b"] and list(lru) == ["a", "c"]
+    lru.shrink(room=1)  # make room for one more before loading it
+    assert evicted == ["b", "a"] and len(lru) == 1
+
+    sized: LRU[str, bytes] = LRU(max_bytes=10, size=len)
+    sized.put("x", b"12345")
+    sized.put("y", b"123456")
+    assert list(sized) == ["y"] and sized.total_bytes == 6
+    sized.put("huge", b"x" * 50)  # the entry just put stays, alone, even over the bound
+    assert list(sized) == ["huge"]
+
+    pinned = {"p"}
+    guarded: LRU[str, int] = LRU(max_items=1, evictable=lambda k, _v: k not in pinned)
+    guarded.put("p", 1)
+    guarded.put("q", 2)
+    assert list(guarded) == ["p", "q"]  # p is protected: over the bound until it is released
+    pinned.clear()
+    guarded.shrink()
+    assert list(guarded) == ["q"]
