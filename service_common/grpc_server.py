@@ -13,7 +13,15 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from slmcl.errors import CancelledError, DataError, NotFoundError, SlmclError, SpecError
+from slmcl.errors import (
+    CancelledError,
+    DataError,
+    LimitExceededError,
+    NotFoundError,
+    PermissionDeniedError,
+    SlmclError,
+    SpecError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +36,10 @@ def status_for(exc: BaseException) -> grpc.StatusCode:
         return grpc.StatusCode.NOT_FOUND
     if isinstance(exc, CancelledError):
         return grpc.StatusCode.CANCELLED
+    if isinstance(exc, PermissionDeniedError):
+        return grpc.StatusCode.PERMISSION_DENIED
+    if isinstance(exc, LimitExceededError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
     if isinstance(exc, SlmclError):
         return grpc.StatusCode.FAILED_PRECONDITION
     return grpc.StatusCode.INTERNAL

@@ -34,3 +34,12 @@ class NotFoundError(SlmclError, LookupError):
 
 class CancelledError(SlmclError):
     """The caller asked the work to stop (cooperative cancellation through the progress callback)."""
+
+
+class PermissionDeniedError(SlmclError):
+    """A service refuses what a spec asks for (remote code, a model path outside the allowlist); the message
+    names the operator setting that would allow it."""
+
+
+class LimitExceededError(SlmclError):
+    """A request is larger than a configured limit (request size, dataset rows, experiments in flight)."""
