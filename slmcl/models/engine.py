@@ -26,14 +26,20 @@ from slmcl.config.spec import ExperimentSpec, TaskSpec
 from slmcl.inference.stability import (
     StabilitySummary,
     base_cache_key,
+    drift_rows,
     last_position_logprobs,
     reference_prompt_ids,
     stability_summary,
     tensor_from_bytes,
     tensor_to_bytes,
 )
-from slmcl.storage.local import ArtifactStore
-from slmcl.training.strategies import StageContext, get_strategy
+from slmcl.models.lru import LRU
+from slmcl.protocol.drift import DriftRows
+from slmcl.protocol.layout import base_reference_logp_key
+from slmcl.storage.base import ArtifactStore
+from slmcl.models.lora import load_adapter_weights
+from slmcl.models.lora import save_adapter as save_peft_adapter
+from slmcl.training.strategies import StageContext, StrategyState, get_strategy
 from slmcl.training.loop import StageTrainResult, build_sft_example, train_stage
 
 log = logging.getLogger(__name__)
@@ -60,6 +66,7 @@ class Engine:
         self.forward_passes = 0  # stability forwards, counted so tests can hold us to one per row
         self._reference: ReferenceSet | None = None
         self._base_logp: torch.Tensor | None = None
+        self._base_rows: tuple[str, DriftRows] | None = None  # (p_0 cache key, the base's own drift rows)
 
     @classmethod
     def from_spec(cls, spec: ExperimentSpec) -> "Engine":
@@ -90,11 +97,18 @@ class Engine:
     def reset_adapter(self, seed: int) -> None:
         modeling.reset_lora(self.model, seed)
 
-    def load_adapter(self, adapter_dir: str | Path) -> None:
-        modeling.load_adapter_weights(self.model, adapter_dir)
+    def load_adapter(self, adapter_dir: str | Path) -> StrategyState:
+        """Swap a checkpoint's weights in; return the strategy state saved beside them (empty if none)."""
+        load_adapter_weights(self.model, adapter_dir)
+        return StrategyState.load(adapter_dir, device=self.loaded.device)
 
-    def save_adapter(self, out_dir: str | Path) -> Path:
-        return modeling.save_adapter(self.model, out_dir)
+    def save_adapter(self, out_dir: str | Path, strategy_state: StrategyState | None = None) -> Path:
+        """Save the adapter, and the stage's strategy state beside it, as one atomic folder."""
+        if strategy_state is None:
+            return save_peft_adapter(self.model, out_dir)
+        state = strategy_state if strategy_state.strategy else StrategyState(
+            meta=strategy_state.meta, tensors=strategy_state.tensors, strategy=self.spec.strategy.name)
+        return save_peft_adapter(self.model, out_dir, extra=state.save)
 
     @contextlib.contextmanager
     def base_model(self) -> Iterator[Any]:
@@ -111,18 +125,21 @@ class Engine:
         stage: int,
         task: TaskSpec,
         previous_tasks: list[str],
-        strategy_state: dict[str, Any] | None = None,
+        strategy_state: StrategyState | None = None,
         on_step: Callable[[dict[str, Any]], None] | None = None,
     ) -> StageTrainResult:
+        """Train one stage; ``strategy_state`` is what the previous stage exported (from its checkpoint
+        folder on resume), and the result's ``strategy_state`` is what the next stage needs."""
         spec = self.spec
+        state = StrategyState() if strategy_state is None else strategy_state.copy()
+        if state.strategy and state.strategy != spec.strategy.name:
+            raise SpecError(f"strategy.name: {spec.strategy.name!r}, but the previous stage's state was "
+                            f"written by strategy {state.strategy!r}")
         examples = load_examples(task.train_file, limit=spec.training.max_examples)
-        try:
-            strategy = get_strategy(spec.strategy.name, spec.strategy.options)
-        except (KeyError, ValueError, TypeError) as exc:
-            raise SpecError(f"strategy: {exc}") from None
+        strategy = get_strategy(spec.strategy.name, spec.strategy.options)  # SpecError naming the option
         ctx = StageContext(
             model=self.model, run_id=run_id, seed=seed, stage=stage, task=task.name,
-            previous_tasks=previous_tasks, options=spec.strategy.options, state=dict(strategy_state or {}),
+            previous_tasks=previous_tasks, options=spec.strategy.options, state=state,
         )
         examples = list(strategy.stage_examples(ctx, examples))
         sft = [
@@ -132,10 +149,12 @@ class Engine:
         s = stage_seed(seed, stage)
         torch.manual_seed(s)  # LoRA dropout draws
         generator = torch.Generator().manual_seed(s)  # the shuffle
-        return train_stage(
+        result = train_stage(
             self.model, sft, spec.training, strategy, ctx,
             pad_id=self.loaded.pad_token_id, device=self.loaded.device, generator=generator, on_step=on_step,
         )
+        result.strategy_state.strategy = spec.strategy.name
+        return result
 
     # -- evaluation ---------------------------------------------------------------------
     def test_examples(self, task: TaskSpec) -> list[Example]:
@@ -213,27 +232,52 @@ class Engine:
             batch_size=self.spec.reference.batch_size, device=self.loaded.device, on_forward=counted,
         )
 
-    def base_logprobs(self, store: ArtifactStore | None = None) -> torch.Tensor:
-        """p_0 on the reference set: memory, then the store's cache, then one pass of the base."""
+    def base_logprobs(self, store: ArtifactStore | None = None,
+                      p0_cache: LRU[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """p_0 on the reference set: memory, then ``p0_cache`` (a replica's bounded cache shared by its
+        engines), then the store's cache (shared by every process), then one pass of the base."""
+        key = self.reference().cache_key
         if self._base_logp is not None:
             return self._base_logp
-        key = f"cache/base-reference-logp/{self.reference().cache_key}.safetensors"
-        if store is not None and store.exists(key):
-            self._base_logp = tensor_from_bytes(store.get_bytes(key))
-            return self._base_logp
-        with self.base_model() as model:
-            self._base_logp = self._logprobs(model)
-        if store is not None:
-            store.put_bytes(key, tensor_to_bytes(self._base_logp))
+        cached = p0_cache.get(key) if p0_cache is not None else None
+        if cached is not None:
+            self._base_logp = cached
+            return cached
+        store_key = base_reference_logp_key(key)
+        if store is not None and store.exists(store_key):
+            self._base_logp = tensor_from_bytes(store.get_bytes(store_key))
+        else:
+            with self.base_model() as model:
+                self._base_logp = self._logprobs(model)
+            if store is not None:
+                store.put_bytes(store_key, tensor_to_bytes(self._base_logp))
+        if p0_cache is not None:
+            p0_cache.put(key, self._base_logp)
         return self._base_logp
 
-    def stability(self, store: ArtifactStore | None = None, *, base: bool = False) -> StabilitySummary:
-        """Drift of the current adapter (or of the base itself: KL 0) from the base."""
-        base_logp = self.base_logprobs(store)
-        if base:
-            return stability_summary(base_logp, None)
-        return stability_summary(self._logprobs(self.model), base_logp)
+    def base_drift_rows(self, store: ArtifactStore | None = None,
+                        p0_cache: LRU[str, torch.Tensor] | None = None) -> DriftRows:
+        """The base's own rows (KL 0): what every checkpoint's entropy and margin deltas are measured against."""
+        key = self.reference().cache_key
+        if self._base_rows is None or self._base_rows[0] != key:
+            self._base_rows = (key, drift_rows(self.base_logprobs(store, p0_cache), None))
+        return self._base_rows[1]
 
+    def drift_rows(self, store: ArtifactStore | None = None, *, base: bool = False,
+                   p0_cache: LRU[str, torch.Tensor] | None = None) -> DriftRows:
+        """Per-row drift of the current adapter (or of the base itself: KL 0) from the base, float64.
+
+        Evaluator replicas return these rows; the summary is ``summarize_drift``'s, in every mode.
+        """
+        if base:
+            return self.base_drift_rows(store, p0_cache)
+        base_logp = self.base_logprobs(store, p0_cache)
+        return drift_rows(self._logprobs(self.model), base_logp)
+
+    def stability(self, store: ArtifactStore | None = None, *, base: bool = False) -> StabilitySummary:
+        """Drift of the current adapter (or of the base itself: KL 0) from the base, summarized."""
+        rows = self.drift_rows(store, base=base)
+        return StabilitySummary.of(rows, None if base else self.base_drift_rows(store))
 
 def adapter_drift(
     *,

@@ -7,7 +7,7 @@ contiguous groups that minimise padded tokens + overhead, under a row and a toke
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 
 def length_batches(lengths: Sequence[int], *, max_rows: int, token_budget: int, overhead: int) -> list[list[int]]:

@@ -14,19 +14,20 @@ from __future__ import annotations
 import inspect
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from slmcl.tasks.answers import training_target
-from slmcl.training.batching import length_batches
-from slmcl.tasks.data import Example
-from slmcl.errors import DataError, TrainingError
-from slmcl.tasks.prompts import PromptRenderer
 from slmcl.config.spec import TaskSpec, TrainingSpec
-from slmcl.training.strategies import StageContext, Strategy
+from slmcl.errors import DataError, TrainingError
+from slmcl.tasks.data import Example
+from slmcl.tasks.kinds import get_task_kind
+from slmcl.tasks.prompts import PromptRenderer
+from slmcl.training.batching import length_batches
+from slmcl.training.strategies import StageContext, Strategy, StrategyState
 
 IGNORE = -100
 
@@ -45,9 +46,10 @@ def build_sft_example(
     tokenizer: Any, renderer: PromptRenderer, task: TaskSpec, example: Example, max_length: int
 ) -> SFTExample:
     """Tokenize prompt and prompt+answer; mask the prompt; keep the last ``max_length`` tokens."""
-    target = training_target(example.answer, task.kind)
-    prompt_text = renderer.prompt_text(task.instruction, example.prompt)
-    full_text = renderer.full_text(task.instruction, example.prompt, target)
+    kind = get_task_kind(task.kind)
+    target = kind.training_target(example.answer)
+    prompt_text = renderer.prompt_text(task.instruction, example.prompt, kind)
+    full_text = renderer.full_text(task.instruction, example.prompt, target, kind)
     prompt_ids = tokenizer(prompt_text, add_special_tokens=False).input_ids
     full_ids = tokenizer(full_text, add_special_tokens=False).input_ids
     if full_ids[: len(prompt_ids)] != prompt_ids:
@@ -93,7 +95,7 @@ class StageTrainResult:
     steps: list[StepRecord] = field(default_factory=list)
     examples: int = 0
     seconds: float = 0.0
-    strategy_state: dict[str, Any] = field(default_factory=dict)
+    strategy_state: StrategyState = field(default_factory=StrategyState)
 
     @property
     def tokens(self) -> int:
