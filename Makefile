@@ -9,7 +9,7 @@ PIP := $(VENV)/bin/pip
 DATA_DIR ?= $(abspath ../shared/data/trace/llm-cl-500)
 export SLMCL_DATA_DIR ?= $(DATA_DIR)
 
-.PHONY: setup dev-setup proto demo test test-fast redis bench bench-service bench-gpu clean stack stack-status stack-stop
+.PHONY: setup dev-setup proto demo lint test test-fast redis bench bench-service bench-gpu clean stack stack-status stack-stop
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -46,11 +46,19 @@ redis:                       ## redis-server from the system packages, when abse
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null) \
 	  || sudo sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null'; }
 
-test: dev-setup redis        ## the whole suite (unit, end-to-end, services)
+lint: dev-setup              ## ruff (style, imports, bugbear, pyupgrade) and mypy; settings in pyproject.toml
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+test: lint redis             ## lint, then the whole suite (unit, end-to-end, services)
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
-test-fast: dev-setup         ## unit tests only
-	$(PY) -m pytest -q -p no:cacheprovider tests/unit
+test-fast: dev-setup         ## what needs no real model and starts no server (< 2 min on 2 cores)
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow and not integration" tests
+
+.PHONY: test-compose
+test-compose: dev-setup      ## the compose deployment for real (root): Docker + Compose v2 if absent, build, up, run, scale, restart, down
+	$(PY) tests/compose/run.py
 
 bench: dev-setup             ## naive vs ours side by side on CPU (<= 15 min on 2 cores); writes bench/results/
 	$(PY) -m bench.run_bench --device cpu

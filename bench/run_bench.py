@@ -37,19 +37,20 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from bench import naive
-from slmcl.models import loading as modeling
-from slmcl.tasks.data import load_examples
-from slmcl.models.engine import Engine, stage_seed
-from slmcl.protocol.embedded import ExperimentRunner
-from slmcl.models.runtime import keep_freed_memory
 from slmcl.config.spec import EMBEDDED_MODEL, ExperimentSpec, ModelSpec, spec_from_dict
+from slmcl.models import loading as modeling
+from slmcl.models.engine import Engine, stage_seed
+from slmcl.models.runtime import keep_freed_memory
+from slmcl.protocol.embedded import ExperimentRunner
+from slmcl.tasks.data import load_examples
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "trace" / "llm-cl-500"
@@ -172,13 +173,14 @@ class Bench:
             modeling.quiet_transformers()
             tok = AutoTokenizer.from_pretrained(args.tokenizer or modeling.embedded_model_dir())
             tok.padding_side = "left"
-            dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
             cfg = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                               pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
                               **MODEL_SHAPES[args.model_shape])
             torch.manual_seed(0)
             with torch.device(self.device):
-                model = LlamaForCausalLM(cfg).to(dtype)
+                model = LlamaForCausalLM(cfg)  # float32; bf16 on CUDA (Module.bfloat16: transformers' .to is untyped)
+                if self.device.type == "cuda":
+                    model = model.bfloat16()
             model.generation_config.eos_token_id = tok.eos_token_id
             self.model_name = f"random-{args.model_shape}"
             loaded = modeling.prepare_loaded(model, tok, self.device, name=self.model_name)
@@ -251,7 +253,8 @@ class Bench:
             warmup[1]()
             self.sync()
             self.log(f"{label}: warm-up done in {time.perf_counter() - t0:.1f}s")
-        naive_res, ours_res = [], []
+        naive_res: list[dict[str, Any]] = []
+        ours_res: list[dict[str, Any]] = []
         for r in range(self.args.reps):
             for who, fn, sink in (("naive", naive_fn, naive_res), ("ours", ours_fn, ours_res)):
                 self.sync()
@@ -390,9 +393,15 @@ def phase_eval(b: Bench) -> None:
     spec = b.make_spec()
     b.use(spec)
     warm = b.make_spec(eval_rows=2, eval_tokens=4)
+
+    def warm_ours() -> None:
+        b.use(warm)
+        _eval_all(b, warm, "ours")
+        b.use(spec)
+
     n, o = b.interleaved(
         "eval", lambda: _eval_all(b, spec, "naive"), lambda: _eval_all(b, spec, "ours"),
-        warmup=(lambda: _eval_all(b, warm, "naive"), lambda: (b.use(warm), _eval_all(b, warm, "ours"), b.use(spec))))
+        warmup=(lambda: _eval_all(b, warm, "naive"), warm_ours))
     rows = o[0]["rows"]
     b.add("eval_seconds", "s/checkpoint", [x["seconds"] for x in n], [x["seconds"] for x in o], "lower",
           f"{rows} test rows ({spec.evaluation.max_examples}/task x 3), max_new_tokens "
@@ -427,7 +436,8 @@ def phase_eval(b: Bench) -> None:
         acc_diff = max(acc_diff, abs(n[0]["correct"][t] - o[0]["correct"][t]))
     b.checks["eval_answer_agreement"] = agree / total if total else None
     b.checks["eval_max_correct_diff_per_task"] = acc_diff
-    b.details["eval"] = {"rows": rows, "generated_tokens_ours": o[0]["tokens"], "generated_tokens_naive": n[0]["tokens"],
+    b.details["eval"] = {"rows": rows, "generated_tokens_ours": o[0]["tokens"],
+                         "generated_tokens_naive": n[0]["tokens"],
                          "naive_decode_slots": n[0]["slots"], "correct_ours": o[0]["correct"],
                          "correct_naive": n[0]["correct"], "checkpoint": b.checkpoint_source}
 

@@ -15,10 +15,11 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from service_common.keys import STORE_PREFIX, dataset_key
+from service_common.keys import STORE_PREFIX
+from slmcl.protocol.layout import dataset_key
 from slmcl.errors import SpecError
 from slmcl.config.spec import ExperimentSpec, spec_from_dict
-from slmcl.storage.local import ArtifactStore
+from slmcl.storage.base import ArtifactStore
 
 
 def spec_paths(spec: ExperimentSpec) -> list[tuple[str, str]]:

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from slmcl.config.spec import spec_from_dict
 from slmcl.errors import CancelledError
 from slmcl.protocol.embedded import ExperimentRunner
-from slmcl.config.spec import spec_from_dict
 from tests.conftest import REPO, tiny_spec_dict
 
 SLMCL = [sys.executable, "-m", "slmcl.cli.main"]

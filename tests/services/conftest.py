@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -29,7 +29,8 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 
 @pytest.fixture()
-def service_env(redis_server: Server, s3_server: Server, tmp_path: Path, request: pytest.FixtureRequest) -> dict[str, str]:
+def service_env(redis_server: Server, s3_server: Server, tmp_path: Path,
+                request: pytest.FixtureRequest) -> dict[str, str]:
     """Environment for a service process; each test gets its own bucket and Redis database."""
     bucket = "t-" + request.node.name.lower().replace("_", "-").replace("[", "-").replace("]", "")[:40].strip("-")
     db = abs(hash(request.node.nodeid)) % 15 + 1

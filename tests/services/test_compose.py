@@ -467,11 +467,14 @@ def test_caches_and_work_dirs_are_on_volumes(base: dict[str, Any]) -> None:
         assert all(src is None or src in declared for src in mounts.values()), f"{name}: undeclared volume"
         env = env_of(svc)
         on, source = volume_for(mounts, env["SLMCL_WORK_DIR"])
-        assert on, f"{name}: SLMCL_WORK_DIR={env['SLMCL_WORK_DIR']} is not on a volume"
+        assert None not in mounts.values(), f"{name}: anonymous volumes are orphaned by every down/up"
         if name in ("trainer", "evaluator"):
             # replicas (--scale) must not share one: the evaluator replaces an adapter folder that
             # another process could be reading (evaluator_service/core.py fetch_adapter)
-            assert source is None, f"{name}: the work dir must be per container (anonymous volume), not {source}"
+            tmpfs = svc.get("tmpfs") or []
+            assert env["SLMCL_WORK_DIR"] in [e.split(":")[0] for e in tmpfs], f"{name}: the work dir must be a tmpfs"
+        else:
+            assert on, f"{name}: SLMCL_WORK_DIR={env['SLMCL_WORK_DIR']} is not on a volume"
             for var in ("SLMCL_CACHE_DIR", "HF_HOME"):
                 on, source = volume_for(mounts, env[var])
                 assert on and source in declared, f"{name}: {var}={env[var]} must be on the shared model-cache volume"
@@ -558,10 +561,9 @@ def test_image_requirements_are_pinned_by_requirements_txt() -> None:
     assert re.search(r"pip install (--no-cache-dir )?-c requirements\.txt grpcio-tools\b",
                      (REPO / "docker" / "Dockerfile").read_text())
     pin = re.search(r"^torch==(\S+)", requirements, re.M).group(1)
-    for name in ("requirements-gpu.txt", "requirements-cpu.txt"):
-        text = (REPO / "docker" / name).read_text()
-        assert re.search(rf"^torch=={re.escape(pin)}$", text, re.M), f"docker/{name} must pin torch=={pin}"
-        assert re.search(r"^--(extra-)?index-url https://download\.pytorch\.org/whl/", text, re.M)
+    text = (REPO / "docker" / "requirements-torch.txt").read_text()
+    assert re.search(rf"^torch=={re.escape(pin)}$", text, re.M), f"docker/requirements-torch.txt must pin torch=={pin}"
+    assert "https://download.pytorch.org/whl/" in (REPO / "docker" / "Dockerfile").read_text()  # the default index
 
 
 # === docker/healthcheck.py =============================================================================

@@ -8,16 +8,16 @@ import csv
 import os
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import grpc
 import pytest
 
 from service_common.client import MonitorClient
 from service_common.local_servers import free_port, stop_pid
-from slmcl.protocol.embedded import ExperimentRunner
 from slmcl.config.spec import spec_from_dict
+from slmcl.protocol.embedded import ExperimentRunner
 from slmcl_api.v1 import evaluator_pb2, evaluator_pb2_grpc, monitor_pb2
 from tests.conftest import tiny_spec_dict
 from tests.services.conftest import start_process, wait_healthy
@@ -59,7 +59,8 @@ class Trio:
             stop_pid(proc.pid)
 
     def tail(self) -> str:
-        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(self.logs.glob("*.log")))
+        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}"
+                         for p in sorted(self.logs.glob("*.log")))
 
 
 @pytest.fixture()

@@ -5,8 +5,8 @@ what pids.json lists."""
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import signal
 import subprocess
 import sys
