@@ -34,11 +34,12 @@ def check_grpc(address: str, timeout: float = 5.0) -> tuple[bool, str]:
 def check_rq(redis_url: str, hostname: str | None = None, timeout: float = 5.0) -> tuple[bool, str]:
     import redis
     from rq import Worker
+    from rq.serializers import JSONSerializer
 
     hostname = hostname or socket.gethostname()
     try:
         conn = redis.Redis.from_url(redis_url, socket_timeout=timeout, socket_connect_timeout=timeout)
-        workers = Worker.all(connection=conn)
+        workers = Worker.all(connection=conn, serializer=JSONSerializer)  # RQ's default pickles
     except redis.RedisError as exc:
         return False, f"redis: {exc}"
     mine = [w.name for w in workers if w.hostname == hostname]

@@ -32,9 +32,9 @@ from service_common.settings import Settings
 from slmcl.config.spec import ExperimentSpec, TaskSpec
 from slmcl.errors import CancelledError, ModelError, NotFoundError, SpecError
 from slmcl.inference.evaluation import Prediction, TaskEvaluation
-from slmcl.protocol.stages import BaseEvalCache, TaskResult
 from slmcl.models.lru import LRU
 from slmcl.protocol.drift import DriftRows
+from slmcl.protocol.stages import BaseEvalCache, TaskResult
 from slmcl.storage.base import ArtifactStore, get_dir
 
 log = logging.getLogger(__name__)
@@ -169,7 +169,7 @@ class EvaluatorCore:
     def with_replica_device(self, spec: ExperimentSpec) -> ExperimentSpec:
         """The replica's hardware decides the device when ``SLMCL_DEVICE`` names one."""
         if self.settings.device and self.settings.device != "auto" and spec.device != self.settings.device:
-            return dataclasses.replace(spec, device=self.settings.device)  # type: ignore[arg-type]  # Literal field
+            return dataclasses.replace(spec, device=self.settings.device)
         return spec
 
     def prepare(self, *, experiment_id: str, spec_json: str, task: str, shard_index: int, shard_count: int,
@@ -406,7 +406,8 @@ class EvaluatorCore:
 
     def _base_evaluation(self, engine: Any, job: Job, rows: list[Any],
                          on_progress: Callable[[int, int], None]) -> TaskEvaluation:
-        """The base's answer from the store's cache (shared by replicas, experiments and ``slmcl run``), else computed."""
+        """The base's answer from the store's cache (shared by replicas, experiments and ``slmcl run``),
+        else computed."""
         cache = BaseEvalCache(self.store)
         fingerprint = engine.base_eval_key(job.task)
         shard = f"shard-{job.shard_index}-of-{max(job.shard_count, 1)}" if job.shard_count > 1 else ""

@@ -1,6 +1,6 @@
 """python -m monitor_service --host 127.0.0.1 --port 50051
 
-The control plane: gRPC Monitor API, Redis for queues/state/events, the object store for
+The control plane: gRPC Monitor API (grpc.aio), Redis for queues/state/events, the object store for
 results, the evaluator pool from $SLMCL_EVALUATORS. It runs no model: every forward pass
 (evaluation and drift) runs on the evaluators, so it needs neither torch nor an accelerator.
 """
@@ -8,10 +8,72 @@ results, the evaluator pool from $SLMCL_EVALUATORS. It runs no model: every forw
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
+import signal
+from concurrent.futures import ThreadPoolExecutor
 
-import redis
+# Blocking Control calls (store and Redis round trips) run here; watchers are coroutines and take none.
+EXECUTOR_THREADS = 32
+STOP_GRACE_SECONDS = 5.0
+
+
+async def serve(host: str, port: int) -> None:
+    import grpc.aio
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_health.v1.health import aio as health_aio
+    from grpc_reflection.v1alpha import reflection
+
+    from monitor_service.control import Control
+    from monitor_service.evaluators import EvaluatorPool
+    from monitor_service.server import MonitorServicer
+    from service_common.auth import add_port, aio_server_interceptors
+    from service_common.grpc_server import MAX_MESSAGE_BYTES
+    from service_common.redis_conn import async_redis_from_url, redis_from_url
+    from service_common.settings import Settings
+    from slmcl.errors import SlmclError
+    from slmcl.storage.factory import open_store
+    from slmcl_api.v1 import monitor_pb2, monitor_pb2_grpc
+
+    log = logging.getLogger("monitor_service")
+    loop = asyncio.get_running_loop()
+    loop.set_default_executor(ThreadPoolExecutor(max_workers=EXECUTOR_THREADS, thread_name_prefix="rpc"))
+    settings = Settings()
+    try:
+        store = open_store(settings.store_url)
+    except SlmclError as exc:  # no credentials, a bad SLMCL_STORE_URL: one line, not a traceback
+        raise SystemExit(f"monitor: object store: {exc}") from None
+    control = Control(settings, store, redis_from_url(settings.redis_url), EvaluatorPool(settings.evaluators))
+    await asyncio.to_thread(control.start)
+    aredis = async_redis_from_url(settings.redis_url)  # watch streams wait out a Redis restart too
+
+    server = grpc.aio.server(
+        options=[("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                 ("grpc.max_receive_message_length", settings.max_request_bytes)],
+        interceptors=aio_server_interceptors())
+    monitor_name = monitor_pb2.DESCRIPTOR.services_by_name["Monitor"].full_name
+    monitor_pb2_grpc.add_MonitorServicer_to_server(MonitorServicer(control, aredis), server)
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        [monitor_name, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server)
+    address = f"{host}:{port}"
+    add_port(server, address)  # TLS when configured; never unauthenticated off loopback (service_common.auth)
+    await server.start()
+    for name in ("", monitor_name):
+        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("serving %s on %s", monitor_name, address)
+
+    stopping = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    await stopping.wait()
+    log.info("stopping: health NOT_SERVING, in-flight calls get %.0f s", STOP_GRACE_SECONDS)
+    await health.enter_graceful_shutdown()
+    await asyncio.to_thread(control.stop)
+    await server.stop(grace=STOP_GRACE_SECONDS)  # watchers are cancelled at the end of the grace
+    await aredis.aclose()
 
 
 def main() -> None:
@@ -19,28 +81,9 @@ def main() -> None:
     parser.add_argument("--host", default=os.environ.get("SLMCL_MONITOR_HOST", "0.0.0.0"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("SLMCL_MONITOR_PORT", "50051")))
     args = parser.parse_args()
-    logging.basicConfig(level=os.environ.get("SLMCL_LOG_LEVEL", "INFO").upper(), format="%(asctime)s monitor %(levelname)s %(name)s: %(message)s")
-
-    from monitor_service.control import Control
-    from monitor_service.evaluators import EvaluatorPool
-    from monitor_service.server import MonitorServicer
-    from service_common.grpc_server import make_server, serve
-    from service_common.settings import Settings
-    from slmcl.errors import SlmclError
-    from slmcl.storage.factory import open_store
-    from slmcl_api.v1 import monitor_pb2, monitor_pb2_grpc
-
-    settings = Settings()
-    try:
-        store = open_store(settings.store_url)
-    except SlmclError as exc:  # no credentials, a bad SLMCL_STORE_URL: one line, not a traceback
-        raise SystemExit(f"monitor: object store: {exc}") from None
-    control = Control(settings, store, redis.Redis.from_url(settings.redis_url), EvaluatorPool(settings.evaluators))
-    control.start()
-    server = make_server()
-    monitor_pb2_grpc.add_MonitorServicer_to_server(MonitorServicer(control), server)
-    serve(server, f"{args.host}:{args.port}", [monitor_pb2.DESCRIPTOR.services_by_name["Monitor"].full_name],
-          on_stop=control.stop)
+    logging.basicConfig(level=os.environ.get("SLMCL_LOG_LEVEL", "INFO").upper(),
+                        format="%(asctime)s monitor %(levelname)s %(name)s: %(message)s")
+    asyncio.run(serve(args.host, args.port))
 
 
 if __name__ == "__main__":

@@ -11,15 +11,17 @@ queues, live state and the event streams that ``slmcl watch`` reads.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import socket
 import threading
 import time
 import uuid
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import redis
 from rq import Queue
@@ -27,14 +29,17 @@ from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 
-from monitor_service.evaluators import EvaluatorPool
+from monitor_service.evaluators import EvaluationFailed, EvaluatorPool
 from monitor_service.stages import MAX_REQUESTS_IN_FLIGHT, BaseRowsCache, RemoteEvaluator
 from service_common import keys
 from service_common.datasets import map_paths, parse_spec_json, sha256_hex, spec_paths
+from service_common.redis_conn import is_redis_outage
+from service_common.retry import RetryPolicy, call_with_retry
 from service_common.run_queue import enqueue_run
+from service_common.s3_store import is_transient as is_store_outage
 from service_common.settings import Settings
 from slmcl.config.spec import ExperimentSpec, spec_from_dict
-from slmcl.errors import DataError, NotFoundError, SpecError
+from slmcl.errors import DataError, LimitExceededError, NotFoundError, SlmclError, SpecError
 from slmcl.protocol import layout
 from slmcl.protocol.layout import run_id
 from slmcl.protocol.stages import (
@@ -47,11 +52,22 @@ from slmcl.protocol.stages import (
 )
 from slmcl.storage.local import ArtifactStore
 from slmcl.storage.prefixed import PrefixedStore
-from slmcl.tasks.data import load_examples
+from slmcl.tasks.data import scan_data
 
 log = logging.getLogger(__name__)
 
 TERMINAL = ("succeeded", "failed", "cancelled")
+RESUMABLE = ("failed", "cancelled")
+PENDING_SWEEP_SECONDS = 10.0  # how often stage notices left unacknowledged (an outage) are handled again
+
+
+class NotResumableError(SlmclError):
+    """Resume asked of an experiment that is not failed or cancelled (running, queued or succeeded)."""
+
+
+def is_outage(exc: BaseException) -> bool:
+    """A failure that waiting may cure: Redis or the store unreachable, no evaluator answering."""
+    return is_redis_outage(exc) or is_store_outage(exc) or isinstance(exc, EvaluationFailed)
 
 
 @dataclass(frozen=True)
@@ -80,6 +96,16 @@ class Control:
         self._base_rows = BaseRowsCache()
         self._threads: list[threading.Thread] = []
         self.consumer = f"monitor-{socket.gethostname()}"
+        self.retry_policy = RetryPolicy.from_env()
+        # Stage notices being handled (an entry is dispatched once at a time), and when each first met an outage.
+        self._inflight: set[bytes] = set()
+        self._outage_since: dict[bytes, float] = {}
+        self._inflight_lock = threading.Lock()
+        # One handler of a stage at a time (a notice and a resume may both bring it): [lock, handlers waiting or in].
+        self._stage_locks: dict[tuple[str, str, int], list[Any]] = {}
+        # Bumped by each resume: background work started before it (a base stage or a stage handler still
+        # retrying an outage) must not fail the resumed experiment when it finally gives up.
+        self._epochs: dict[str, int] = {}
 
     # ------------------------------------------------------------------ submit / read
     def submit(self, spec_json: str, files: Sequence[SubmittedFile], client_request_id: str) -> str:
@@ -88,8 +114,27 @@ class Control:
             if existing:
                 return existing.decode()
         spec = parse_spec_json(spec_json)
+        limits = self.settings
+        n_runs = len(spec.orders) * len(spec.seeds)
+        if n_runs > limits.max_runs_per_experiment:
+            raise LimitExceededError(
+                f"orders x seeds: {len(spec.orders)} x {len(spec.seeds)} = {n_runs} runs, more than this server's "
+                f"limit of {limits.max_runs_per_experiment} (SLMCL_MAX_RUNS_PER_EXPERIMENT)")
+        ids = self.list_ids()
+        pipe = self.redis.pipeline(transaction=False)
+        for i in ids:
+            pipe.hget(keys.experiment_hash(i), "state")
+        in_flight = sum(1 for st in pipe.execute() if st in (b"queued", b"running"))
+        if in_flight >= limits.max_experiments_in_flight:  # soft: two submits racing may both pass
+            raise LimitExceededError(
+                f"{in_flight} experiments are queued or running, this server's limit "
+                f"(SLMCL_MAX_EXPERIMENTS_IN_FLIGHT={limits.max_experiments_in_flight}); submit again when one ends")
         by_path = {f.path: f for f in files}
         for f in files:
+            if len(f.content) > limits.max_dataset_bytes:
+                raise LimitExceededError(
+                    f"files: {f.path} is {len(f.content)} bytes, more than this server's limit of "
+                    f"{limits.max_dataset_bytes} (SLMCL_MAX_DATASET_BYTES)")
             if sha256_hex(f.content) != f.sha256:
                 raise DataError(f"files: content of {f.path} does not match its sha256")
         rewrite: dict[str, str] = {}
@@ -102,7 +147,7 @@ class Control:
             f = by_path.get(path)
             if f is None:
                 raise SpecError(f"{field_name}: the file {path} was not sent with the spec (files)")
-            self._check_dataset(field_name, f)
+            self._check_dataset(field_name, f, limits.max_dataset_rows)
             key = layout.dataset_key(f.sha256)
             uploads.append((key, f.content))
             rewrite[path] = keys.STORE_PREFIX + key
@@ -138,16 +183,9 @@ class Control:
         return exp_id
 
     @staticmethod
-    def _check_dataset(field_name: str, f: SubmittedFile) -> None:
-        import tempfile
-
-        with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
-            tmp.write(f.content)
-            tmp.flush()
-            try:
-                load_examples(tmp.name)
-            except DataError as exc:
-                raise DataError(f"{field_name} ({f.path}): {str(exc).split(': ', 1)[-1]}") from None
+    def _check_dataset(field_name: str, f: SubmittedFile, max_rows: int | None = None) -> None:
+        """Every row, with the reader and the messages of ``slmcl validate`` (the bytes read in place)."""
+        scan_data(io.BytesIO(f.content), name=f"{field_name} ({f.path})", max_rows=max_rows)
 
     def spec(self, exp_id: str) -> ExperimentSpec:
         if exp_id not in self._specs:
@@ -166,7 +204,8 @@ class Control:
         if not h:
             raise NotFoundError(f"no experiment {exp_id!r}")
         spec = self.spec(exp_id)
-        trained = {k[len("runs/"):] for k in self.tree(exp_id).store.list_keys(layout.runs_prefix())}  # "<run_id>/trained-<k>.json", ...
+        # "<run_id>/trained-<k>.json", "<run_id>/stage-<k>.json", ...
+        trained = {k[len("runs/"):] for k in self.tree(exp_id).store.list_keys(layout.runs_prefix())}
         runs = []
         for order in spec.orders:
             for seed in spec.seeds:
@@ -174,6 +213,10 @@ class Control:
                 n_trained = sum(1 for k in range(1, len(order) + 1) if f"{rid}/trained-{k}.json" in trained)
                 n_done = sum(1 for k in range(1, len(order) + 1) if f"{rid}/stage-{k}.json" in trained)
                 state = h.get(f"run:{rid}:state", "queued")
+                if n_done == len(order):
+                    state = "done"  # the records decide: a late or repeated stage handler may have said "training"
+                elif h.get("state") == "cancelled":
+                    state = "cancelled"  # whatever it was doing: a cancelled experiment's unfinished runs stopped
                 runs.append({"run_id": rid, "order": order, "seed": seed, "stages_total": len(order),
                              "stages_trained": n_trained, "stages_evaluated": n_done, "state": state,
                              "error": h.get(f"run:{rid}:error", "")})
@@ -234,8 +277,79 @@ class Control:
                     continue
                 if job.get_status() in (JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.SCHEDULED):
                     job.cancel()
+        h = {k.decode(): v.decode() for k, v in self.redis.hgetall(keys.experiment_hash(exp_id)).items()}
+        runs = {f"run:{run_id(o, s)}:state": "cancelled" for o in spec.orders for s in spec.seeds
+                if h.get(f"run:{run_id(o, s)}:state") != "done"}
+        if runs:
+            self.redis.hset(keys.experiment_hash(exp_id), mapping=runs)
         self._set_state(exp_id, "cancelled")
         self.event(exp_id, "experiment_cancelled")
+
+    # ------------------------------------------------------------------ resume
+    def resume(self, exp_id: str) -> None:
+        """Continue a failed or cancelled experiment after the last committed stage of each run.
+
+        Runs with untrained stages are enqueued again (the trainer resumes after its last trained stage),
+        trained stages without a record are measured here, the base stage is redone if it is missing:
+        nothing already committed is recomputed.
+        """
+        if not self.exists(exp_id):
+            raise NotFoundError(f"no experiment {exp_id!r}")
+        state = self.state(exp_id)
+        if state not in RESUMABLE:
+            raise NotResumableError(f"experiment {exp_id} is {state or 'in no known state'}: only a failed or "
+                                    "cancelled experiment can be resumed")
+        spec, tree = self.spec(exp_id), self.tree(exp_id)
+        fields: dict[str, Any] = {"state": "running", "error": "", "updated_at": time.time()}
+        enqueue: list[tuple[list[str], int]] = []
+        measure_now: list[dict[str, str]] = []
+        for order in spec.orders:
+            for seed in spec.seeds:
+                rid = run_id(order, seed)
+                trained = tree.last_trained(rid, len(order))
+                committed = {k for r, k in tree.committed(rid) if r == rid}
+                for k in range(1, trained + 1):
+                    if k not in committed:
+                        measure_now.append({"experiment_id": exp_id, "run_id": rid, "step": str(k)})
+                if trained < len(order):
+                    enqueue.append((list(order), seed))
+                else:
+                    self._forget_failed_job(exp_id, rid)  # trained to the end: its old failure is no failure now
+                done = trained == len(order) and all(k in committed for k in range(1, len(order) + 1))
+                fields[f"run:{rid}:state"] = "done" if done else ("queued" if trained < len(order) else "training")
+                fields[f"run:{rid}:error"] = ""
+        self._epochs[exp_id] = self._epochs.get(exp_id, 0) + 1
+        self.redis.delete(keys.cancel_key(exp_id))
+        self.redis.hset(keys.experiment_hash(exp_id), mapping=fields)
+        log.info("experiment %s resumed: %d run(s) re-enqueued, %d trained stage(s) to measure", exp_id,
+                 len(enqueue), len(measure_now))
+        self.event(exp_id, "experiment_resumed", data={"runs_enqueued": len(enqueue),
+                                                        "stages_to_measure": len(measure_now)})
+        try:
+            for order, seed in enqueue:
+                enqueue_run(self.queue, exp_id, order, seed)
+        except Exception as exc:
+            log.exception("experiment %s: re-enqueueing its runs failed", exp_id)
+            self._fail(exp_id, f"resume could not enqueue its runs: {type(exc).__name__}: {exc}")
+            raise
+        for stage in measure_now:
+            self._stages.submit(self._guard, exp_id, self._measure_until_done, stage)
+        threading.Thread(target=self._guard, args=(exp_id, self._base_stage, exp_id), daemon=True,
+                         name=f"base-{exp_id}").start()
+        self._maybe_finish(exp_id)  # everything may already be committed (a failure after the last commit)
+
+    def _forget_failed_job(self, exp_id: str, rid: str) -> None:
+        try:
+            job = Job.fetch(keys.train_job_id(exp_id, rid), connection=self.redis, serializer=JSONSerializer)
+        except Exception:  # noqa: BLE001 - no job data left: nothing for the janitor to misread
+            return
+        if job.get_status() == JobStatus.FAILED:
+            job.delete()
+
+    def _measure_until_done(self, fields: dict[str, str]) -> None:
+        """A stage no notice will announce again (resume): measured, an outage waited out within the budget."""
+        call_with_retry(lambda: self.process_stage(fields), what=f"stage {fields['step']} of {fields['run_id']}",
+                        is_transient=is_outage, policy=self.retry_policy, logger=log)
 
     # ------------------------------------------------------------------ measuring and committing
     def tree(self, exp_id: str) -> ResultsTree:
@@ -257,11 +371,17 @@ class Control:
 
     def _base_stage(self, exp_id: str) -> None:
         """Stage 0 of every run: the base evaluated (cached by the evaluators) and its drift rows."""
+        call_with_retry(lambda: self._base_stage_once(exp_id), what=f"base stage of {exp_id}", is_transient=is_outage,
+                        policy=self.retry_policy, logger=log)
+
+    def _base_stage_once(self, exp_id: str) -> None:
         spec, tree = self.spec(exp_id), self.tree(exp_id)
-        if not base_runs_missing(tree, spec):
+        if self.state(exp_id) in TERMINAL or not base_runs_missing(tree, spec):
             return
         evaluator = self._evaluator(exp_id, spec)
         m = measure(evaluator, None, spec.tasks, self._progress(exp_id, "", 0))
+        if self.state(exp_id) in TERMINAL:
+            return  # cancelled or failed while the base was measured: nothing is committed after the end
         for r in m.results:
             self.event(exp_id, "base_evaluated", task=r.task, data=r.score)
         for rid in commit_base(tree, spec, m):
@@ -270,6 +390,20 @@ class Control:
 
     def process_stage(self, fields: dict[str, str]) -> None:
         """One announced stage: measure its checkpoint on the evaluators and commit its record (once)."""
+        stage = (fields["experiment_id"], fields["run_id"], int(fields["step"]))
+        with self._inflight_lock:
+            entry = self._stage_locks.setdefault(stage, [threading.Lock(), 0])
+            entry[1] += 1
+        try:
+            with entry[0]:  # the second handler finds the stage committed, or measures it if the first failed
+                self._process_stage(fields)
+        finally:
+            with self._inflight_lock:
+                entry[1] -= 1
+                if entry[1] == 0:
+                    self._stage_locks.pop(stage, None)
+
+    def _process_stage(self, fields: dict[str, str]) -> None:
         exp_id, rid, step = fields["experiment_id"], fields["run_id"], int(fields["step"])
         if not self.exists(exp_id) or self.state(exp_id) in TERMINAL:
             return
@@ -309,19 +443,19 @@ class Control:
 
     def _guard(self, exp_id: str, fn: Any, *args: Any) -> None:
         """Run background work for an experiment; a failure fails the experiment, never silently."""
+        epoch = self._epochs.get(exp_id, 0)
         try:
             fn(*args)
         except Exception as exc:  # noqa: BLE001 - recorded on the experiment and logged
             log.exception("experiment %s: %s failed", exp_id, getattr(fn, "__name__", fn))
+            if self._epochs.get(exp_id, 0) != epoch:
+                log.warning("experiment %s was resumed meanwhile: this earlier failure does not fail it", exp_id)
+                return
             self._fail(exp_id, f"{type(exc).__name__}: {exc}")
 
     # ------------------------------------------------------------------ background loops
     def start(self) -> None:
-        try:
-            self.redis.xgroup_create(keys.STAGE_EVENTS_STREAM, keys.MONITOR_GROUP, id="0", mkstream=True)
-        except redis.ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+        self._create_group()
         for target, name in ((self._consume_stages, "stage-consumer"), (self._janitor, "janitor")):
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
@@ -339,33 +473,98 @@ class Control:
         self._requests.shutdown(wait=False, cancel_futures=True)
 
     def _consume_stages(self) -> None:
-        backlog = True  # first our own unacknowledged entries (a restart), then new ones
+        """Dispatch stage notices: new ones as they come, and now and then our unacknowledged ones again.
+
+        A notice is acknowledged only once its stage is committed (or has no reason to be): one whose handling
+        met an outage stays pending and is handled again at the next sweep, and so is every pending one
+        after a monitor restart. A Redis restart only pauses the loop (its connection waits it out).
+        """
+        next_sweep = 0.0  # the first read is the sweep: our entries pending from before a restart
         while not self._stop.is_set():
             try:
-                got = self.redis.xreadgroup(keys.MONITOR_GROUP, self.consumer,
-                                            {keys.STAGE_EVENTS_STREAM: "0" if backlog else ">"}, count=16, block=1000)
-            except redis.ConnectionError:
-                log.warning("redis unreachable; retrying")
-                time.sleep(1)
-                continue
+                if time.monotonic() >= next_sweep:
+                    self._sweep_pending()
+                    next_sweep = time.monotonic() + PENDING_SWEEP_SECONDS
+                got = self.redis.xreadgroup(keys.MONITOR_GROUP, self.consumer, {keys.STAGE_EVENTS_STREAM: ">"},
+                                            count=16, block=1000)
+                for eid, raw in (got[0][1] if got else []):
+                    self._dispatch(eid, raw)
+            except redis.ResponseError as exc:
+                if "NOGROUP" in str(exc):  # Redis came back without our group (its data lost): recreate it
+                    self._create_group()
+                else:
+                    log.exception("reading stage notices failed; retrying")
+                    self._stop.wait(1.0)
+            except Exception:  # noqa: BLE001 - the loop must survive an outage longer than the retry budget
+                log.exception("reading stage notices failed; retrying")
+                self._stop.wait(1.0)
+
+    def _sweep_pending(self) -> None:
+        start = "0"
+        while not self._stop.is_set():
+            got = self.redis.xreadgroup(keys.MONITOR_GROUP, self.consumer, {keys.STAGE_EVENTS_STREAM: start},
+                                        count=100)
             entries = got[0][1] if got else []
-            if backlog and not entries:
-                backlog = False
-                continue
+            if not entries:
+                return
             for eid, raw in entries:
-                fields = {k.decode(): v.decode() for k, v in raw.items()}
-                self._stages.submit(self._handle_stage_entry, eid, fields)
-            if backlog:
-                backlog = False  # the pending ones are dispatched; go on with new entries
+                self._dispatch(eid, raw)
+            start = entries[-1][0].decode() if isinstance(entries[-1][0], bytes) else entries[-1][0]
+
+    def _dispatch(self, eid: bytes, raw: dict[bytes, bytes] | None) -> None:
+        if not raw:  # trimmed from the stream while pending: nothing left to handle
+            self.redis.xack(keys.STAGE_EVENTS_STREAM, keys.MONITOR_GROUP, eid)
+            return
+        with self._inflight_lock:
+            if eid in self._inflight:
+                return
+            self._inflight.add(eid)
+        fields = {k.decode(): v.decode() for k, v in raw.items()}
+        try:
+            self._stages.submit(self._handle_stage_entry, eid, fields)
+        except RuntimeError:  # the executor is shut down: the monitor is stopping, the entry stays pending
+            with self._inflight_lock:
+                self._inflight.discard(eid)
 
     def _handle_stage_entry(self, eid: bytes, fields: dict[str, str]) -> None:
         exp_id = fields.get("experiment_id", "")
+        epoch = self._epochs.get(exp_id, 0)
         try:
-            self.process_stage(fields)
-        except Exception as exc:  # noqa: BLE001 - recorded on the experiment
-            log.exception("stage %s of %s failed", fields.get("step"), fields.get("run_id"))
-            self._fail(exp_id, f"stage {fields.get('step')} of {fields.get('run_id')}: {type(exc).__name__}: {exc}")
-        self.redis.xack(keys.STAGE_EVENTS_STREAM, keys.MONITOR_GROUP, eid)
+            try:
+                self.process_stage(fields)
+            except Exception as exc:  # noqa: BLE001 - an outage is waited out; anything else fails the experiment
+                if self._epochs.get(exp_id, 0) != epoch:  # resumed meanwhile: the resume measures this stage
+                    log.warning("stage %s of %s: %s: %s, before its experiment was resumed; the resume measures it",
+                                fields.get("step"), fields.get("run_id"), type(exc).__name__, exc)
+                elif is_outage(exc) and self._still_waiting(eid):
+                    log.warning("stage %s of %s: %s: %s; left pending, measured again when it is back",
+                                fields.get("step"), fields.get("run_id"), type(exc).__name__, exc)
+                    return
+                else:
+                    log.exception("stage %s of %s failed", fields.get("step"), fields.get("run_id"))
+                    self._fail(exp_id, f"stage {fields.get('step')} of {fields.get('run_id')}: "
+                                       f"{type(exc).__name__}: {exc}")
+            self.redis.xack(keys.STAGE_EVENTS_STREAM, keys.MONITOR_GROUP, eid)
+            with self._inflight_lock:
+                self._outage_since.pop(eid, None)
+        except Exception:  # noqa: BLE001 - Redis gone past the budget: the entry stays pending for the next sweep
+            log.exception("stage %s of %s: could not record its outcome", fields.get("step"), fields.get("run_id"))
+        finally:
+            with self._inflight_lock:
+                self._inflight.discard(eid)
+
+    def _still_waiting(self, eid: bytes) -> bool:
+        """Whether this entry's outage is younger than the retry budget (past it, the stage fails)."""
+        with self._inflight_lock:
+            since = self._outage_since.setdefault(eid, time.monotonic())
+        return time.monotonic() - since < self.retry_policy.budget_seconds
+
+    def _create_group(self) -> None:
+        try:
+            self.redis.xgroup_create(keys.STAGE_EVENTS_STREAM, keys.MONITOR_GROUP, id="0", mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
 
     def _janitor(self) -> None:
         """Re-queue work of crashed trainers promptly, and fail experiments whose runs failed for good."""
@@ -375,7 +574,7 @@ class Control:
                 for exp_id in self.list_ids():
                     if self.state(exp_id) == "running":
                         self._check_jobs(exp_id)
-            except redis.ConnectionError:
+            except (redis.ConnectionError, redis.TimeoutError):  # only past the retry budget: the next pass retries
                 log.warning("redis unreachable; janitor retries")
             except Exception:  # noqa: BLE001 - the loop must survive; the error is logged
                 log.exception("janitor pass failed")

@@ -3,20 +3,30 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import grpc
 
 from service_common.datasets import sha256_hex, spec_paths
 from service_common.grpc_server import channel
+from service_common.retry import RetryPolicy
 from slmcl.config.spec import ExperimentSpec
 from slmcl_api.v1 import monitor_pb2, monitor_pb2_grpc
 
 SERVER_ENV = "SLMCL_SERVER"
 DEFAULT_SERVER = "127.0.0.1:50051"
+TERMINAL_STATES = (monitor_pb2.SUCCEEDED, monitor_pb2.FAILED, monitor_pb2.CANCELLED)
+# A watch stream broken by one of these (a monitor restart, a server-side outage past its budget) is reopened.
+RECONNECT_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL,
+                   grpc.StatusCode.UNKNOWN, grpc.StatusCode.ABORTED)
+
+log = logging.getLogger("slmcl.client")
 
 
 def server_address(explicit: str | None = None) -> str:
@@ -55,8 +65,48 @@ class MonitorClient:
     def cancel(self, exp_id: str) -> monitor_pb2.Experiment:
         return self.stub.CancelExperiment(monitor_pb2.CancelExperimentRequest(id=exp_id), timeout=self.timeout)
 
-    def watch(self, exp_id: str, after: str = "") -> Iterator[monitor_pb2.ExperimentEvent]:
-        return self.stub.WatchExperiment(monitor_pb2.WatchExperimentRequest(id=exp_id, after_event_id=after))
+    def resume(self, exp_id: str) -> monitor_pb2.Experiment:
+        return self.stub.ResumeExperiment(monitor_pb2.ResumeExperimentRequest(id=exp_id), timeout=self.timeout)
+
+    def watch(self, exp_id: str, after: str = "", reconnect: bool = True,
+              policy: RetryPolicy | None = None) -> Iterator[monitor_pb2.ExperimentEvent]:
+        """Every event (after ``after``) until the experiment ends, across monitor restarts.
+
+        A stream that breaks, or ends while the experiment still runs (a monitor shutting down), is
+        opened again with ``after_event_id`` of the last event yielded, so nothing is repeated or lost.
+        Waits back off with jitter; an outage longer than the retry budget (``SLMCL_RETRY_BUDGET_SECONDS``)
+        raises the last error. ``reconnect=False`` is the bare stream.
+        """
+        policy = policy or RetryPolicy.from_env()
+        last = after
+        deadline: float | None = None
+        waits: Iterator[float] | None = None
+        while True:
+            error: grpc.RpcError | None = None
+            try:
+                terminal = False
+                for ev in self.stub.WatchExperiment(monitor_pb2.WatchExperimentRequest(id=exp_id,
+                                                                                       after_event_id=last)):
+                    last, deadline, waits = ev.event_id, None, None  # progress: the next outage gets a fresh budget
+                    terminal = ev.state in TERMINAL_STATES
+                    yield ev
+                if not reconnect or terminal or self.get(exp_id).state in TERMINAL_STATES:
+                    return
+            except grpc.RpcError as exc:
+                if not reconnect or exc.code() not in RECONNECT_CODES:
+                    raise
+                error = exc
+            if deadline is None or waits is None:
+                deadline, waits = time.monotonic() + policy.budget_seconds, policy.waits()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                if error is not None:
+                    raise error
+                return
+            wait = min(next(waits), left)
+            log.warning("watch %s: %s; reconnecting after event %s in %.1f s", exp_id,
+                        error.code().name if error is not None else "stream ended early", last or "(start)", wait)
+            time.sleep(wait)
 
     def results(self, exp_id: str, out: str | Path, include_checkpoints: bool = True) -> Path:
         return _write_chunks(self.stub.GetResults(
@@ -98,4 +148,4 @@ def event_data(ev: monitor_pb2.ExperimentEvent) -> dict[str, Any]:
     return json.loads(ev.data_json or "{}")
 
 
-__all__ = ["MonitorClient", "event_data", "grpc", "server_address"]
+__all__ = ["MonitorClient", "TERMINAL_STATES", "event_data", "grpc", "server_address"]

@@ -1,4 +1,4 @@
-"""``slmcl submit | watch | list | status | cancel | results | pull``: the service client commands.
+"""``slmcl submit | watch | list | status | cancel | resume | results | pull``: the service client commands.
 
 Added to the ``slmcl`` command through the ``slmcl.commands`` entry point (pyproject.toml):
 the core finds ``register`` by name and never imports this package; this module imports the
@@ -100,6 +100,13 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 
 @_grpc_errors
+def cmd_resume(args: argparse.Namespace) -> int:
+    e = _client(args).resume(args.id)
+    print(f"{e.id}: {STATE_NAMES[e.state]}")
+    return 0
+
+
+@_grpc_errors
 def cmd_results(args: argparse.Namespace) -> int:
     from slmcl.cli.report import render_results
 
@@ -163,6 +170,9 @@ def cmd_watch(args: argparse.Namespace) -> int:
             say(f"FAILED {ev.run_id}: {data.get('error', '')}")
         elif ev.kind == "experiment_cancelled":
             say("cancelled")
+        elif ev.kind == "experiment_resumed":
+            say(f"experiment {args.id} resumed: {data.get('runs_enqueued', 0)} run(s) to train, "
+                f"{data.get('stages_to_measure', 0)} stage(s) to measure")
         elif ev.kind == "experiment_done":
             say(f"experiment {args.id} succeeded: `slmcl results {args.id} --out DIR` for the results directory")
     for bar in bars.values():
@@ -198,6 +208,10 @@ def register(sub: Any) -> None:
     p = common(sub.add_parser("cancel", help="stop an experiment (finished stages are kept)"))
     p.add_argument("id")
     p.set_defaults(func=cmd_cancel)
+    p = common(sub.add_parser("resume", help="continue a failed or cancelled experiment after its last committed "
+                                             "stages (nothing committed is recomputed)"))
+    p.add_argument("id")
+    p.set_defaults(func=cmd_resume)
     p = common(sub.add_parser("results", help="download an experiment's results directory"))
     p.add_argument("id")
     p.add_argument("--out", required=True)

@@ -12,13 +12,14 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
+from service_common.auth import check_model
 from service_common.keys import STORE_PREFIX
-from slmcl.protocol.layout import dataset_key
-from slmcl.errors import SpecError
 from slmcl.config.spec import ExperimentSpec, spec_from_dict
+from slmcl.errors import SpecError
+from slmcl.protocol.layout import dataset_key
 from slmcl.storage.base import ArtifactStore
 
 
@@ -33,7 +34,8 @@ def spec_paths(spec: ExperimentSpec) -> list[tuple[str, str]]:
 
 def map_paths(spec: ExperimentSpec, fn: Callable[[str], str]) -> ExperimentSpec:
     tasks = [dataclasses.replace(t, train_file=fn(t.train_file), test_file=fn(t.test_file)) for t in spec.tasks]
-    return dataclasses.replace(spec, tasks=tasks, reference=dataclasses.replace(spec.reference, file=fn(spec.reference.file)))
+    reference = dataclasses.replace(spec.reference, file=fn(spec.reference.file))
+    return dataclasses.replace(spec, tasks=tasks, reference=reference)
 
 
 def sha256_hex(data: bytes) -> str:
@@ -62,14 +64,20 @@ def localize(spec: ExperimentSpec, store: ArtifactStore, work_dir: str | Path) -
 
 
 def parse_spec_json(text: str) -> ExperimentSpec:
-    """The request's spec: JSON of a resolved spec; every error is a SpecError naming the field."""
+    """The request's spec: JSON of a resolved spec; every error is a SpecError naming the field.
+
+    Every spec that arrives over the wire passes here (the monitor's submit, the evaluator's requests), so the
+    model policy of ``service_common.auth`` (no remote code, models from the allowlist) is applied here too.
+    """
     try:
         raw = json.loads(text)
     except json.JSONDecodeError as exc:
         raise SpecError(f"spec_json: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
     if not isinstance(raw, dict):
         raise SpecError(f"spec_json: expected a JSON object (a resolved spec), got {type(raw).__name__}")
-    return spec_from_dict(raw, check_files=False, source="in spec_json")
+    spec = spec_from_dict(raw, check_files=False, source="in spec_json")
+    check_model(spec.model)  # the operator's model policy, whatever the spec asks (PermissionDeniedError)
+    return spec
 
 
 __all__ = ["dataset_key", "localize", "map_paths", "parse_spec_json", "sha256_hex", "spec_paths"]

@@ -6,13 +6,15 @@ import functools
 import logging
 import signal
 import threading
+from collections.abc import Callable, Iterable
 from concurrent import futures
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from service_common.auth import add_port, client_channel, server_interceptors
 from slmcl.errors import (
     CancelledError,
     DataError,
@@ -82,23 +84,25 @@ def rpc_stream(fn: Callable[..., Iterable[Any]]) -> Callable[..., Iterable[Any]]
     return wrapper
 
 
+MESSAGE_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+
+
 def make_server(max_workers: int = 16) -> grpc.Server:
-    return grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max_workers),
-        options=[("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)],
-    )
+    """A thread-pool server with the token check of ``service_common.auth`` (when tokens are configured)."""
+    return grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=MESSAGE_OPTIONS,
+                       interceptors=server_interceptors())
 
 
-def serve(server: grpc.Server, address: str, service_names: list[str], on_stop: Callable[[], None] | None = None) -> None:
-    """Add health + reflection, bind, start, and block until SIGTERM/SIGINT."""
+def serve(server: grpc.Server, address: str, service_names: list[str],
+          on_stop: Callable[[], None] | None = None) -> None:
+    """Add health + reflection, bind (TLS and the loopback rule of ``auth.add_port``), start, and block until
+    SIGTERM/SIGINT."""
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
     reflection.enable_server_reflection(names, server)
-    port = server.add_insecure_port(address)
-    if port == 0:
-        raise SystemExit(f"cannot bind {address}")
+    add_port(server, address)
     server.start()
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     for name in service_names:
@@ -120,5 +124,5 @@ def serve(server: grpc.Server, address: str, service_names: list[str], on_stop: 
 
 
 def channel(address: str) -> grpc.Channel:
-    return grpc.insecure_channel(address, options=[("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                                                   ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
+    """A client channel to a slmcl server: the token and TLS of ``auth.client_channel``, large messages."""
+    return client_channel(address, options=MESSAGE_OPTIONS)

@@ -5,7 +5,7 @@ The job is named by its dotted path, so the monitor never imports the trainer pa
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from rq import Queue, Retry
 from rq.exceptions import DuplicateJobError, NoSuchJobError

@@ -7,12 +7,18 @@ importing minio. ``PrefixedStore`` moved to ``slmcl.storage.prefixed``; it is re
 
 from __future__ import annotations
 
+import functools
 import io
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
+import urllib3
 from minio import Minio
-from minio.error import S3Error
+from minio.error import InvalidResponseError, S3Error, ServerError
 
+from service_common.retry import call_with_retry
 from service_common.settings import Settings
 from slmcl.errors import NotFoundError, SpecError
 from slmcl.storage.base import ArtifactStore, check_key, check_prefix
@@ -23,6 +29,31 @@ __all__ = ["PrefixedStore", "S3Store"]
 _MISSING = ("NoSuchKey", "NoSuchObject", "NotFound")
 _FLAGS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
 URL_PARAMETERS = ("endpoint", "secure", "region", "create")
+# Answers of a store that is (re)starting or overloaded; a missing key or bad credentials are not among them.
+_TRANSIENT_CODES = ("InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "OperationAborted",
+                    "XMinioServerNotInitialized", "NoSuchBucket")
+
+log = logging.getLogger("slmcl.s3")
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether waiting may help: the server unreachable, restarting or overloaded (never NotFound)."""
+    if isinstance(exc, S3Error):
+        return exc.code in _TRANSIENT_CODES
+    return isinstance(exc, (ServerError, InvalidResponseError, urllib3.exceptions.HTTPError, ConnectionError,
+                            TimeoutError, OSError))
+
+
+def _retried(fn: F) -> F:
+    """The whole operation again on a transient failure (a request body is rebuilt each time), for the budget."""
+
+    @functools.wraps(fn)
+    def wrapper(self: S3Store, *args: Any, **kwargs: Any) -> Any:
+        what = f"s3 {fn.__name__}({', '.join(repr(a) for a in args if isinstance(a, str))}) on {self.bucket}"
+        return call_with_retry(lambda: fn(self, *args, **kwargs), what=what, is_transient=is_transient, logger=log)
+
+    return wrapper  # type: ignore[return-value]  # functools.wraps keeps the signature F promises
 
 
 class S3Store:
@@ -83,6 +114,7 @@ class S3Store:
         prefix = unquote(parts.path).strip("/")
         return PrefixedStore(store, prefix) if prefix else store
 
+    @_retried
     def ensure_bucket(self) -> None:
         if not self.client.bucket_exists(self.bucket):
             try:
@@ -91,9 +123,11 @@ class S3Store:
                 if exc.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
                     raise
 
+    @_retried
     def put_bytes(self, key: str, data: bytes) -> None:
         self.client.put_object(self.bucket, check_key(key), io.BytesIO(data), length=len(data))
 
+    @_retried
     def get_bytes(self, key: str) -> bytes:
         try:
             resp = self.client.get_object(self.bucket, check_key(key))
@@ -107,7 +141,11 @@ class S3Store:
             resp.close()
             resp.release_conn()
 
+    @_retried
     def exists(self, key: str) -> bool:
+        return self._exists(key)
+
+    def _exists(self, key: str) -> bool:
         try:
             self.client.stat_object(self.bucket, check_key(key))
             return True
@@ -116,14 +154,16 @@ class S3Store:
                 return False
             raise
 
+    @_retried
     def list_keys(self, prefix: str) -> list[str]:
         prefix = check_prefix(prefix)
         p = prefix + "/" if prefix else ""
         keys = [o.object_name for o in self.client.list_objects(self.bucket, prefix=p, recursive=True)]
-        if prefix and self.exists(prefix):
+        if prefix and self._exists(prefix):  # inside this call's own retry
             keys.append(prefix)
         return sorted(k for k in keys if k and not k.endswith("/"))
 
+    @_retried
     def delete(self, key: str) -> None:
         self.client.remove_object(self.bucket, check_key(key))
 

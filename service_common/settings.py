@@ -14,6 +14,23 @@ def _env(name: str, default: str) -> str:
     return os.environ.get(name, default)
 
 
+def _env_limit(name: str, default: int) -> int:
+    """A positive whole number; a bad value stops the service at boot with one line naming the variable."""
+    text = os.environ.get(name, "").strip().replace("_", "")
+    if not text:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        raise SystemExit(f"{name}={os.environ[name]!r}: expected a whole number") from None
+    if value < 1:
+        raise SystemExit(f"{name}={value}: must be >= 1")
+    return value
+
+
+MIB = 1 << 20
+
+
 @dataclass(frozen=True)
 class Settings:
     redis_url: str = field(default_factory=lambda: _env("SLMCL_REDIS_URL", "redis://127.0.0.1:6379/0"))
@@ -36,6 +53,16 @@ class Settings:
     # Where artifacts live, for slmcl.storage.factory.open_store: $SLMCL_STORE_URL, else the bucket of the
     # SLMCL_S3_* settings above (credentials stay in the environment, out of the URL, which may be logged).
     store_url: str = field(default_factory=lambda: _env("SLMCL_STORE_URL", ""))
+    # Limits of what one client may ask of the monitor (refused with RESOURCE_EXHAUSTED before anything is written).
+    # The largest request the monitor receives (gRPC max receive length): a spec with its dataset files.
+    max_request_bytes: int = field(default_factory=lambda: _env_limit("SLMCL_MAX_REQUEST_BYTES", 256 * MIB))
+    # One dataset file of a submitted spec: its size and its rows.
+    max_dataset_bytes: int = field(default_factory=lambda: _env_limit("SLMCL_MAX_DATASET_BYTES", 128 * MIB))
+    max_dataset_rows: int = field(default_factory=lambda: _env_limit("SLMCL_MAX_DATASET_ROWS", 1_000_000))
+    # Experiments queued or running at once, over all clients.
+    max_experiments_in_flight: int = field(default_factory=lambda: _env_limit("SLMCL_MAX_EXPERIMENTS_IN_FLIGHT", 16))
+    # Runs of one experiment: len(orders) x len(seeds).
+    max_runs_per_experiment: int = field(default_factory=lambda: _env_limit("SLMCL_MAX_RUNS_PER_EXPERIMENT", 64))
 
     def __post_init__(self) -> None:
         if not self.store_url:  # frozen: the derived default is set once, here

@@ -11,14 +11,17 @@ The light public API (no torch on import):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from slmcl.errors import DataError, ModelError, NotFoundError, SlmclError, SpecError, TrainingError
 from slmcl.config.spec import ExperimentSpec, load_spec, spec_from_dict
+from slmcl.errors import DataError, ModelError, NotFoundError, SlmclError, SpecError, TrainingError
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
+    from slmcl.protocol.events import Event
     from slmcl.protocol.results import Results
-    from slmcl.protocol.embedded import Event
 
 __version__ = "0.1.0"
 
@@ -28,14 +31,14 @@ __all__ = [
 ]
 
 
-def run_experiment(spec: ExperimentSpec, progress: "Any" = None) -> Any:
+def run_experiment(spec: ExperimentSpec, progress: Callable[[Event], None] | None = None) -> Path:
     """Run or resume ``spec`` in this process; ``progress`` receives each ``Event``."""
     from slmcl.protocol.embedded import run_experiment as _run
 
     return _run(spec, progress)
 
 
-def read_results(path: Any) -> "Results":
+def read_results(path: Any) -> Results:
     """Read a results directory (written by ``slmcl run`` or ``slmcl results``)."""
     from slmcl.protocol.results import read_results as _read
 

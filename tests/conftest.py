@@ -16,6 +16,15 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "trace" / "llm-cl-500"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def model_allowlist(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The services load local model folders only under SLMCL_MODEL_ALLOWLIST (docs/security.md): the tests
+    build theirs under pytest's temporary root, allowed here for this process and the services it starts."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SLMCL_MODEL_ALLOWLIST", f"{tmp_path_factory.getbasetemp()},*")
+        yield
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     d = Path(os.environ.get("SLMCL_DATA_DIR") or DEFAULT_DATA)

@@ -3,6 +3,9 @@
 Environment: the ``SLMCL_*`` settings (Redis, S3, work dir, queue, device), ``SLMCL_TORCH_THREADS``
 (torch CPU threads), ``SLMCL_LOG_LEVEL``, and ``SLMCL_JOB_HEARTBEAT_TTL`` / ``SLMCL_JOB_HEARTBEAT_INTERVAL``
 (seconds; 60 / 10 by default: how soon a killed worker's job is handed to another worker).
+Outages: every Redis command and store operation retries with jittered exponential backoff for
+``SLMCL_RETRY_BUDGET_SECONDS`` (600; see ``service_common.retry``). ``--name`` may be reused after a crash:
+the dead worker's registration is cleared (or, if that worker may be alive, this one takes a suffixed name).
 SIGTERM: idle, the worker exits at once; busy, the job stops at its next step, is requeued, and it exits.
 """
 
@@ -41,11 +44,11 @@ def main(argv: list[str] | None = None) -> int:
 
     import socket
 
-    import redis
     from rq import Queue
     from rq.serializers import JSONSerializer
 
     import trainer_service.jobs  # noqa: F401 - torch, transformers, peft load now, not inside the first job
+    from service_common.redis_conn import redis_from_url
     from service_common.settings import Settings
     from trainer_service.worker import TrainerWorker
 
@@ -58,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     except SlmclError as exc:
         log.error("%s", exc)
         return 2
-    conn = redis.Redis.from_url(settings.redis_url)
+    conn = redis_from_url(settings.redis_url)  # the worker waits out a Redis restart, then carries on
     queue = Queue(settings.queue, connection=conn, serializer=JSONSerializer)
     worker = TrainerWorker(
         [queue], connection=conn, serializer=JSONSerializer,

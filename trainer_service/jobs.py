@@ -31,6 +31,7 @@ import redis
 
 from service_common import keys
 from service_common.datasets import localize
+from service_common.redis_conn import redis_from_url
 from service_common.settings import Settings
 from slmcl.models.engine import Engine
 from slmcl.errors import CancelledError, SlmclError
@@ -182,8 +183,11 @@ def _check_stop(r: redis.Redis, experiment_id: str) -> None:
 
 
 def load_spec(store: ArtifactStore, settings: Settings, experiment_id: str) -> ExperimentSpec:
+    from service_common.auth import check_model  # the model policy (docs/security.md)
+
     raw = json.loads(store.get_bytes(f"{layout.experiment_prefix(experiment_id)}/{layout.SPEC_JSON}"))
     spec = spec_from_dict(raw, check_files=False, source=f"experiments/{experiment_id}/spec.json")
+    check_model(spec.model)  # again here: a spec already in the store never made this worker run a model's code
     if settings.device != "auto":  # the worker's hardware decides (SLMCL_DEVICE)
         spec = dataclasses.replace(spec, device=settings.device)
     return localize(spec, store, settings.work_dir)
@@ -205,7 +209,7 @@ def train_run(experiment_id: str, order: list[str], seed: int) -> dict[str, Any]
     settings = Settings()
     order, seed = [str(t) for t in order], int(seed)
     rid = layout.run_id(order, seed)
-    r = redis.Redis.from_url(settings.redis_url)
+    r = redis_from_url(settings.redis_url)  # waits out a Redis restart (SLMCL_RETRY_BUDGET_SECONDS)
     events = RunEvents(r, experiment_id, rid)
     try:
         return _train_run(settings, r, events, experiment_id, order, seed, rid)
@@ -241,6 +245,7 @@ def _train_run(settings: Settings, r: redis.Redis, events: RunEvents, experiment
     for name in order:
         spec.task(name)  # SpecError on an unknown task, before the model loads
     engine, load_seconds = resident_engine(spec)
+    _check_stop(r, experiment_id)  # a cancel during the model load stops before the first step
     resumed_from = tree.last_trained(rid, len(order))
     events.publish("run_started", {"order": order, "seed": seed, "resumed_from": resumed_from,
                                    "stages": len(order), "model_load_seconds": load_seconds}, step=resumed_from)

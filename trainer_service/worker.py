@@ -15,16 +15,31 @@ Failure policy: an ``SlmclError`` (bad spec or data, non-finite loss, cancellati
 the job fails without retrying, since a retry would fail the same way. Anything else (S3 or
 Redis trouble, out of memory) is retried per the job's ``Retry``. SIGTERM while busy stops the
 job at its next optimizer step and requeues it without spending a retry; the worker then exits.
+
+Requeued work goes first: every job this worker starts is marked ``enqueue_at_front_on_retry`` (in
+Redis too), so a retry after a failure and the registry's requeue of an abandoned job (a killed
+worker) put the run at the FRONT of the queue, ahead of runs that never started.
+
+Names: a worker restarted under its old ``--name`` finds the key of its previous, dead self (RQ
+would refuse "There exists an active worker named ... already"). ``register_birth`` clears that key
+when it is stale (same host and its process gone, or no heartbeat for longer than the worker TTL);
+a live worker of the same name elsewhere makes this one take the name with a unique suffix.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
+import uuid
+from datetime import datetime, timezone
 from typing import Any
 
+from rq import worker_registration
 from rq.job import Job
 from rq.queue import Queue
+from rq.utils import utcparse
 from rq.worker import SimpleWorker, WorkerStatus
 
 from slmcl.errors import SlmclError
@@ -39,7 +54,7 @@ JOB_HEARTBEAT_INTERVAL = 10  # s between heartbeats
 class _JobHeartbeat:
     """A daemon thread calling ``worker.maintain_heartbeats(job)`` until stopped."""
 
-    def __init__(self, worker: "TrainerWorker", job: Job, interval: float) -> None:
+    def __init__(self, worker: TrainerWorker, job: Job, interval: float) -> None:
         self.worker, self.job, self.interval = worker, job, interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"heartbeat-{job.id}", daemon=True)
@@ -79,6 +94,9 @@ class TrainerWorker(SimpleWorker):
 
     def execute_job(self, job: Job, queue: Queue) -> None:
         self._last_exc_type = None
+        # A run that already started and comes back (retry, abandoned by a dead worker) goes to the front.
+        job.enqueue_at_front_on_retry = True
+        self.connection.hset(job.key, "enqueue_at_front_on_retry", 1)
         self.prepare_execution(job)  # registers the execution with get_heartbeat_ttl()
         self._beat = _JobHeartbeat(self, job, self.job_heartbeat_interval)
         self._beat.start()
@@ -115,7 +133,57 @@ class TrainerWorker(SimpleWorker):
             job.retries_left = 0
         super().handle_job_failure(job, queue, started_job_registry=started_job_registry, exc_string=exc_string)
 
+    # -- names ----------------------------------------------------------------------------
+    def register_birth(self) -> None:
+        self._claim_name()
+        super().register_birth()
+
+    def _claim_name(self) -> None:
+        """Clear the key of a dead worker of our name, or take a fresh name if that worker may be alive."""
+        data = {k.decode(): v.decode() for k, v in self.connection.hgetall(self.key).items()}
+        if not data or "death" in data:
+            return
+        if _stale(data, self.worker_ttl):
+            log.warning("worker %s: clearing the registration of its previous process (pid %s on %s)", self.name,
+                        data.get("pid", "?"), data.get("hostname", "?"))
+            with self.connection.pipeline() as p:
+                worker_registration.unregister(self, p)
+                p.delete(self.key)
+                p.execute()
+            return
+        fresh = f"{self.name}-{uuid.uuid4().hex[:6]}"
+        log.warning("worker %s is alive (pid %s on %s): this one is %s", self.name, data.get("pid", "?"),
+                    data.get("hostname", "?"), fresh)
+        self.name = fresh
+
     # -- shutdown -------------------------------------------------------------------------
     def handle_warm_shutdown_request(self) -> None:
         super().handle_warm_shutdown_request()
         jobs.shutdown_requested.set()  # a running job stops at its next step and is requeued
+
+
+def _stale(data: dict[str, str], worker_ttl: int) -> bool:
+    """A registration whose process is gone: same host and pid dead (or ours: a container restart), or silent."""
+    try:
+        silent = (datetime.now(timezone.utc) - utcparse(data["last_heartbeat"])).total_seconds()
+    except (KeyError, ValueError):
+        silent = 0.0
+    if silent > worker_ttl + 15:
+        return True
+    if data.get("hostname") != socket.gethostname():
+        return False
+    try:
+        pid = int(data.get("pid") or 0)
+    except ValueError:
+        return False
+    if pid <= 0:
+        return False
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False

@@ -31,13 +31,18 @@ EXIT_INTERRUPTED = 130
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    """What `slmcl run` checks before it loads a model: the spec, every row of every data file, the output_dir."""
     from slmcl.config.spec import load_spec
+    from slmcl.protocol.embedded import check_output_dir
+    from slmcl.tasks.data import check_data
 
     spec = load_spec(args.spec)
+    data = check_data(spec)
+    check_output_dir(spec.output_dir)
     n_runs = len(spec.orders) * len(spec.seeds)
     print(f"{args.spec}: ok — model {spec.model.name}, {len(spec.tasks)} tasks, {len(spec.orders)} order(s) x "
           f"{len(spec.seeds)} seed(s) = {n_runs} run(s), {sum(len(o) for o in spec.orders) * len(spec.seeds)} "
-          f"stages; results in {spec.output_dir}")
+          f"stages; {len(data)} data files, {sum(d.rows for d in data.values())} rows; results in {spec.output_dir}")
     return 0
 
 
@@ -185,6 +190,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("SLMCL_DEBUG"):
             raise
         print(f"slmcl: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except OSError as exc:  # a folder that cannot be written, a disk full: the user's to fix, not a bug
+        if os.environ.get("SLMCL_DEBUG"):
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"slmcl: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("slmcl: interrupted (run the same command again to resume)", file=sys.stderr)

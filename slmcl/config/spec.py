@@ -35,7 +35,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, Strict, TypeAdapter, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+)
 from pydantic.dataclasses import dataclass
 
 from slmcl.errors import SpecError
@@ -529,7 +538,11 @@ def _resolve_paths(spec: ExperimentSpec, base: Path, environ: Mapping[str, str],
         if data_root is None:
             needs_root.append(where)
             return value
-        return str(data_root / p)
+        joined = Path(os.path.normpath(data_root / p))  # lexical: symlinked task folders inside data_dir still work
+        if joined != data_root and data_root not in joined.parents:
+            errors.add(where, f"{value!r} leaves data_dir {data_root}: a relative path names a file inside data_dir "
+                              "(give an absolute path for a file elsewhere)")
+        return str(joined)
 
     tasks = [
         dataclasses.replace(

@@ -58,11 +58,12 @@ class KVSlots:
         self.mask = torch.zeros((rows, capacity), dtype=torch.long, device=device)
 
     def buffers(self, layer: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.keys[layer] is None:
+        keys, values = self.keys[layer], self.values[layer]
+        if keys is None or values is None:
             shape = (self.rows, like.shape[1], self.capacity, like.shape[3])
-            self.keys[layer] = torch.zeros(shape, dtype=like.dtype, device=like.device)
-            self.values[layer] = torch.zeros(shape, dtype=like.dtype, device=like.device)
-        return self.keys[layer], self.values[layer]  # type: ignore[return-value]
+            keys = self.keys[layer] = torch.zeros(shape, dtype=like.dtype, device=like.device)
+            values = self.values[layer] = torch.zeros(shape, dtype=like.dtype, device=like.device)
+        return keys, values
 
     def cache(self, rows: slice, length: int) -> Cache:
         """A cache over ``rows`` whose next write lands at column ``length`` (columns before it are the past)."""

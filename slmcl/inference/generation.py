@@ -311,8 +311,9 @@ def greedy_generate(
         _decode(batch, members, max_new_tokens=max_new_tokens, stop=stop, results=results)
         if on_batch is not None:
             on_batch(list(group))
-    assert all(r is not None for r in results)
-    return results  # type: ignore[return-value]
+    done = [r for r in results if r is not None]
+    assert len(done) == len(prompts), "a prompt was left without a generation"
+    return done
 
 
 @torch.inference_mode()
@@ -342,4 +343,6 @@ def last_position_logits(
             share_prefix=share_prefix, prefill_tokens=prefill_tokens, slots=slots, on_forward=on_forward):
         for r, i in enumerate(members):
             out[i] = batch.last_logits[r]
-    return out  # type: ignore[return-value]
+    logits = [x for x in out if x is not None]
+    assert len(logits) == len(prompts), "a prompt was left without logits"
+    return logits

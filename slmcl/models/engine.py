@@ -10,19 +10,16 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 
-from slmcl.models import loading as modeling
-from slmcl.tasks.data import Example, file_sha256, load_examples
+from slmcl.config.spec import ExperimentSpec, TaskSpec
 from slmcl.errors import SpecError
 from slmcl.inference.evaluation import TaskEvaluation, evaluate_tasks, one_task_progress
-from slmcl.models.loading import LoadedModel
-from slmcl.tasks.prompts import PromptRenderer
-from slmcl.config.spec import ExperimentSpec, TaskSpec
 from slmcl.inference.stability import (
     StabilitySummary,
     base_cache_key,
@@ -33,14 +30,18 @@ from slmcl.inference.stability import (
     tensor_from_bytes,
     tensor_to_bytes,
 )
+from slmcl.models import loading as modeling
+from slmcl.models.loading import LoadedModel
+from slmcl.models.lora import load_adapter_weights
+from slmcl.models.lora import save_adapter as save_peft_adapter
 from slmcl.models.lru import LRU
 from slmcl.protocol.drift import DriftRows
 from slmcl.protocol.layout import base_reference_logp_key
 from slmcl.storage.base import ArtifactStore
-from slmcl.models.lora import load_adapter_weights
-from slmcl.models.lora import save_adapter as save_peft_adapter
-from slmcl.training.strategies import StageContext, StrategyState, get_strategy
+from slmcl.tasks.data import Example, file_sha256, load_examples
+from slmcl.tasks.prompts import PromptRenderer
 from slmcl.training.loop import StageTrainResult, build_sft_example, train_stage
+from slmcl.training.strategies import StageContext, StrategyState, get_strategy
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ class Engine:
         self._base_rows: tuple[str, DriftRows] | None = None  # (p_0 cache key, the base's own drift rows)
 
     @classmethod
-    def from_spec(cls, spec: ExperimentSpec) -> "Engine":
+    def from_spec(cls, spec: ExperimentSpec) -> Engine:
         return cls(spec)
 
     @staticmethod
@@ -217,7 +218,8 @@ class Engine:
             ref = self.spec.reference
             rows = load_examples(ref.file, limit=ref.max_examples)
             ids = reference_prompt_ids(self.loaded, self.renderer, rows, self.instructions())
-            key = base_cache_key(self.loaded, file_sha256(ref.file), self.renderer, self.instructions(), ref.max_examples)
+            key = base_cache_key(self.loaded, file_sha256(ref.file), self.renderer, self.instructions(),
+                                 ref.max_examples)
             self._reference = ReferenceSet(rows, ids, key)
         return self._reference
 
@@ -296,8 +298,8 @@ def adapter_drift(
     """
     from peft import PeftModel
 
-    from slmcl.errors import ModelError
     from slmcl.config.spec import EMBEDDED_MODEL, ChatSpec, ModelSpec
+    from slmcl.errors import ModelError
 
     name = EMBEDDED_MODEL if model in ("", "embedded", EMBEDDED_MODEL) else model
     loaded = modeling.load_model(ModelSpec(name=name, trust_remote_code=trust_remote_code), device)

@@ -9,11 +9,13 @@ recomputed and no row is written twice.
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 from slmcl.errors import SpecError
 from slmcl.protocol import layout
@@ -33,14 +35,15 @@ from slmcl.protocol.stages import (
     train_run,
 )
 from slmcl.storage.local import LocalStore
-from slmcl.tasks.data import load_examples
+from slmcl.tasks.data import DataSummary, check_data, load_examples, spec_data_files
 
 if TYPE_CHECKING:
     from slmcl.config.spec import ExperimentSpec, TaskSpec
     from slmcl.inference.evaluation import TaskEvaluation
     from slmcl.models.engine import Engine
 
-__all__ = ["Event", "ExperimentRunner", "LocalEvaluator", "ProgressCallback", "check_resumable", "run_experiment"]
+__all__ = ["Event", "ExperimentRunner", "LocalEvaluator", "ProgressCallback", "check_output_dir", "check_resumable",
+           "mark_results", "run_experiment"]
 
 # Settings whose change makes old results incomparable; seeds, orders and names may grow.
 _RESUME_IGNORED = ("name", "seeds", "orders", "output_dir", "device")
@@ -54,18 +57,62 @@ def _comparable(spec_dict: dict[str, Any]) -> dict[str, Any]:
     return d
 
 
-def check_resumable(tree: ResultsTree, spec: ExperimentSpec) -> None:
-    """Refuse to mix results of different settings in one output directory."""
-    old = tree.read_spec_dict()
-    if old is None:
+def check_output_dir(output_dir: str | Path) -> None:
+    """Refuse a folder that holds anything but slmcl results: nothing of the user's is ever overwritten.
+
+    A results directory is one with the marker ``.slmcl-results`` (written when a run starts), or one made
+    before the marker existed (``spec.json`` beside ``runs/``). A missing or empty folder is fine.
+    """
+    out = Path(output_dir)
+    if not out.exists():
         return
-    before, now = _comparable(old), _comparable(spec.to_dict())
-    if before != now:
-        changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
-        raise SpecError(
-            f"output_dir {spec.output_dir} holds results of a different spec (changed: {', '.join(changed)}); "
-            "use a new output_dir or delete the old one"
-        )
+    if not out.is_dir():
+        raise SpecError(f"output_dir {out}: exists and is not a directory")
+    if (out / layout.RESULTS_MARKER).is_file():
+        return
+    if (out / layout.SPEC_JSON).is_file() and (out / layout.runs_prefix()).is_dir():
+        return
+    if next(out.iterdir(), None) is not None:
+        raise SpecError(f"output_dir {out}: holds files that are not slmcl results (no {layout.RESULTS_MARKER}); "
+                        "choose a new or empty directory")
+
+
+def _check_same_data(tree: ResultsTree, spec: ExperimentSpec, data: dict[str, DataSummary]) -> None:
+    if not tree.store.exists(layout.DATA_JSON):
+        return  # results made before the hashes were recorded: nothing to compare with
+    recorded: dict[str, Any] = json.loads(tree.store.get_bytes(layout.DATA_JSON)).get("files", {})
+    for field_name, path in spec_data_files(spec):
+        was = recorded.get(path, {}).get("sha256")
+        if was and was != data[path].sha256:
+            raise SpecError(f"{field_name}: {path} changed since the results in {spec.output_dir} were made "
+                            f"(sha256 {was[:12]}…, now {data[path].sha256[:12]}…); restore it or use a new output_dir")
+
+
+def check_resumable(tree: ResultsTree, spec: ExperimentSpec) -> dict[str, DataSummary]:
+    """Refuse a folder of the user's, and refuse to mix results of different settings or data in one output
+    directory. Every row of every data file is checked on the way (their hashes are returned, for data.json)."""
+    check_output_dir(spec.output_dir)
+    old = tree.read_spec_dict()
+    if old is not None:
+        before, now = _comparable(old), _comparable(spec.to_dict())
+        if before != now:
+            changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+            raise SpecError(
+                f"output_dir {spec.output_dir} holds results of a different spec (changed: {', '.join(changed)}); "
+                "use a new output_dir or delete the old one"
+            )
+    data = check_data(spec)
+    _check_same_data(tree, spec, data)
+    return data
+
+
+def mark_results(tree: ResultsTree, data: dict[str, DataSummary]) -> None:
+    """The marker of a results directory, and the data it is made from (kept from the first run on resume)."""
+    if not tree.store.exists(layout.RESULTS_MARKER):
+        tree.store.put_bytes(layout.RESULTS_MARKER, b"slmcl results directory (see README, 'The results directory')\n")
+    if not tree.store.exists(layout.DATA_JSON):
+        files = {path: {"sha256": d.sha256, "rows": d.rows, "bytes": d.size} for path, d in data.items()}
+        tree.store.put_bytes(layout.DATA_JSON, json.dumps({"files": files}, indent=1, sort_keys=True).encode())
 
 
 def task_result(ev: TaskEvaluation) -> TaskResult:
@@ -162,9 +209,10 @@ class ExperimentRunner:
 
     def run(self) -> Path:
         spec, tree = self.spec, self.tree
-        check_resumable(tree, spec)
+        data = check_resumable(tree, spec)
         self.preflight()
         tree.write_spec(spec)
+        mark_results(tree, data)
         runs = [(order, seed) for order in spec.orders for seed in spec.seeds]
         done = tree.committed()
         finished = sum(1 for o, s in runs for k in range(1, len(o) + 1) if (layout.run_id(o, s), k) in done)

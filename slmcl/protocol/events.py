@@ -5,8 +5,9 @@ A CLI draws them as bars, a trainer forwards them to Redis, a gRPC stream sends 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 
 @dataclass(frozen=True)

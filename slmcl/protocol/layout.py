@@ -7,6 +7,7 @@ writer builds keys with these functions, so a layout change is one edit here.
 ::
 
     spec.json, spec.yaml                       the resolved spec (services: dataset paths are store: keys)
+    .slmcl-results, data.json                  slmcl run: the marker of a results directory; the data files' hashes
     experiment.json                            services: id, name, client request id, created_at
     checkpoints/<run_id>/step-<k>/             PEFT adapter (+ strategy_state.{json,safetensors})
     runs/<run_id>/trained-<k>.json             training record of stage k (losses, tokens, seconds)
@@ -20,9 +21,13 @@ Store-wide (outside any experiment): ``datasets/<sha256>.json`` (content-address
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 SPEC_JSON = "spec.json"
+# Written by `slmcl run` when it starts a results directory: a folder without it (and without the spec.json + runs/
+# of results made before the marker existed) is the user's, and slmcl writes nothing into it.
+RESULTS_MARKER = ".slmcl-results"
+DATA_JSON = "data.json"  # sha256, rows and bytes of every data file the results were made from (checked on resume)
 SPEC_YAML = "spec.yaml"
 EXPERIMENT_JSON = "experiment.json"
 TABLES = ("scores.csv", "stability.csv", "train_loss.csv", "summary.json")

@@ -24,10 +24,11 @@ import json
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 from slmcl.errors import NotFoundError
 from slmcl.protocol import layout
@@ -287,9 +288,12 @@ def train_run(engine: Engine, tree: ResultsTree, spec: ExperimentSpec, order: Se
             hooks.check_stop()
             task_name = order[step - 1]
             hooks.on_stage_start(step, task_name)
+
+            def on_step(info: dict[str, Any], _s: int = step) -> None:  # _s binds this stage's step
+                hooks.on_step(_s, info)
+
             result = engine.train(run_id=rid, seed=seed, stage=step, task=spec.task(task_name),
-                                  previous_tasks=order[: step - 1], strategy_state=state,
-                                  on_step=lambda info, _s=step: hooks.on_step(_s, info))
+                                  previous_tasks=order[: step - 1], strategy_state=state, on_step=on_step)
             state = result.strategy_state
             local = (tree.store.path(layout.checkpoint_prefix(rid, step)) if isinstance(tree.store, LocalStore)
                      else tmp / f"step-{step}")
@@ -307,6 +311,6 @@ def train_run(engine: Engine, tree: ResultsTree, spec: ExperimentSpec, order: Se
 
 
 __all__ = [
-    "BaseEvalCache", "CheckpointEvaluator", "EvalProgress", "Measurement", "ResultsTree", "RunHooks", "TaskResult", "base_runs_missing",
-    "commit_base", "commit_stage", "expected_records", "measure", "train_run",
+    "BaseEvalCache", "CheckpointEvaluator", "EvalProgress", "Measurement", "ResultsTree", "RunHooks", "TaskResult",
+    "base_runs_missing", "commit_base", "commit_stage", "expected_records", "measure", "train_run",
 ]

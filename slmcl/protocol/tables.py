@@ -11,7 +11,8 @@ import csv
 import io
 import json
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from slmcl import metrics as mx
 from slmcl.protocol.layout import order_id

@@ -22,6 +22,8 @@ from tests.conftest import REPO, tiny_spec_dict
 
 SLMCL = [sys.executable, "-m", "slmcl.cli.main"]
 
+# Markers (pyproject): `integration` where the test starts `slmcl` processes, `slow` where it takes > ~10 s.
+
 
 def _csv(path: Path) -> list[dict[str, str]]:
     with open(path, newline="") as fh:
@@ -33,6 +35,8 @@ def _write_spec(path: Path, spec: dict) -> Path:
     return path
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_tiny_run_writes_the_results_layout(tmp_path: Path, tiny_model_dir: Path, data_dir: Path) -> None:
     out = tmp_path / "out"
     spec_file = _write_spec(tmp_path / "spec.yaml", tiny_spec_dict(
@@ -96,6 +100,7 @@ def test_checkpoint_loads_with_peft_and_changes_outputs(tmp_path: Path, tiny_mod
     assert not torch.allclose(before, after), "the saved adapter does not change the model"
 
 
+@pytest.mark.slow
 def test_resume_recomputes_nothing_and_matches_an_uninterrupted_run(
     tmp_path: Path, tiny_model_dir: Path, data_dir: Path
 ) -> None:
@@ -127,6 +132,8 @@ def test_resume_recomputes_nothing_and_matches_an_uninterrupted_run(
                 assert float(a[k]) == pytest.approx(float(b[k]), abs=1e-6), k
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_changed_spec_refuses_to_mix_results(tmp_path: Path, tiny_model_dir: Path, data_dir: Path) -> None:
     out = tmp_path / "out"
     spec_file = _write_spec(tmp_path / "a.yaml", tiny_spec_dict(tiny_model_dir, data_dir, out, tasks=["fomc"]))
@@ -139,6 +146,7 @@ def test_changed_spec_refuses_to_mix_results(tmp_path: Path, tiny_model_dir: Pat
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("case", ["bad_yaml", "bad_field", "missing_file", "bad_dataset"])
 def test_bad_inputs_give_one_clear_line(case: str, tmp_path: Path, tiny_model_dir: Path, data_dir: Path) -> None:
     spec = tiny_spec_dict(tiny_model_dir, data_dir, tmp_path / "out", tasks=["fomc"])
@@ -172,6 +180,7 @@ def test_bad_inputs_give_one_clear_line(case: str, tmp_path: Path, tiny_model_di
     assert expect in lines[0]
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_smollm2_run_killed_midway_resumes(tmp_path: Path, data_dir: Path, embedded_dir: Path) -> None:
     """The real embedded model: SIGKILL after the first stage commits, then resume to the end."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,12 +29,24 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     server.stop()
 
 
-@pytest.fixture()
-def service_env(redis_server: Server, s3_server: Server, tmp_path: Path,
-                request: pytest.FixtureRequest) -> dict[str, str]:
-    """Environment for a service process; each test gets its own bucket and Redis database."""
-    bucket = "t-" + request.node.name.lower().replace("_", "-").replace("[", "-").replace("]", "")[:40].strip("-")
-    db = abs(hash(request.node.nodeid)) % 15 + 1
+_next_db = itertools.cycle(range(1, 16))
+_module_dbs: set[int] = set()  # held by module-scoped services still running: never handed to a test
+
+
+def _free_db() -> int:
+    """Redis databases 1..15 in turn (0 stays untouched), skipping those a module's services still use."""
+    for _ in range(15):
+        db = next(_next_db)
+        if db not in _module_dbs:
+            return db
+    raise RuntimeError("every Redis database 1..15 is held by module-scoped services")
+
+
+def _service_env(redis_server: Server, s3_server: Server, work: Path, node: pytest.Item | pytest.Collector,
+                 db: int) -> dict[str, str]:
+    """Environment for service processes: a bucket and a Redis database (flushed) of their own for ``node``."""
+    bucket = "t-" + node.name.lower().replace("_", "-").replace("[", "-").replace("]", "").replace(".py", "")
+    bucket = bucket[:40].strip("-").replace(".", "-")
     import redis
 
     redis.Redis(port=redis_server.port, db=db).flushdb()
@@ -44,10 +57,27 @@ def service_env(redis_server: Server, s3_server: Server, tmp_path: Path,
         "SLMCL_S3_ACCESS_KEY": ACCESS_KEY,
         "SLMCL_S3_SECRET_KEY": SECRET_KEY,
         "SLMCL_S3_BUCKET": bucket,
-        "SLMCL_WORK_DIR": str(tmp_path / "work"),
+        "SLMCL_WORK_DIR": str(work / "work"),
         "SLMCL_DEVICE": "cpu",
         "PYTHONUNBUFFERED": "1",
     }
+
+
+@pytest.fixture()
+def service_env(redis_server: Server, s3_server: Server, tmp_path: Path,
+                request: pytest.FixtureRequest) -> dict[str, str]:
+    """For a test that starts (and may kill or restart) its own service processes."""
+    return _service_env(redis_server, s3_server, tmp_path, request.node, _free_db())
+
+
+@pytest.fixture(scope="module")
+def module_service_env(redis_server: Server, s3_server: Server, tmp_path_factory: pytest.TempPathFactory,
+                       request: pytest.FixtureRequest) -> Iterator[dict[str, str]]:
+    """For service processes started once and shared by the tests of a module that leave them running."""
+    db = _free_db()
+    _module_dbs.add(db)
+    yield _service_env(redis_server, s3_server, tmp_path_factory.mktemp("module-services"), request.node, db)
+    _module_dbs.discard(db)
 
 
 def wait_healthy(address: str, proc, timeout: float = 120.0, service: str = "") -> None:  # type: ignore[no-untyped-def]

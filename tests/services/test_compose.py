@@ -167,7 +167,12 @@ def stages(path: Path) -> dict[str, list[tuple[str, str]]]:
     for word, args in dockerfile_instructions(path):
         if word == "FROM":
             parts = args.split()
-            current = parts[parts.index("AS") + 1] if "AS" in parts else (parts[parts.index("as") + 1] if "as" in parts else args)
+            if "AS" in parts:
+                current = parts[parts.index("AS") + 1]
+            elif "as" in parts:
+                current = parts[parts.index("as") + 1]
+            else:
+                current = args
             result[current] = []
         result[current].append((word, args))
     return result
@@ -335,7 +340,7 @@ def test_build_args_are_declared_and_torch_flavours_exist(base: dict[str, Any], 
 
 def test_every_copy_source_exists_and_reaches_a_clean_clone(base: dict[str, Any]) -> None:
     checked: list[str] = []
-    for name, (context, dockerfile, _) in built_dockerfiles(base).items():
+    for context, dockerfile, _ in built_dockerfiles(base).values():
         for stage, instructions in stages(dockerfile).items():
             for word, args in instructions:
                 if word not in ("COPY", "ADD"):
@@ -350,7 +355,8 @@ def test_every_copy_source_exists_and_reaches_a_clean_clone(base: dict[str, Any]
                     assert contents, f"{dockerfile.name} [{stage}]: COPY {src}: nothing in it"
                     for f in contents:
                         rel = f.relative_to(context).as_posix()
-                        assert not dockerignore_excludes(context, rel), f"COPY {src}: {rel} is excluded by .dockerignore"
+                        assert not dockerignore_excludes(context, rel), (
+                            f"COPY {src}: {rel} is excluded by .dockerignore")
                     checked += [f.relative_to(REPO).as_posix() for f in contents]
     ignored = git_ignored(sorted(set(checked)))
     assert not ignored, f"git-ignored, so absent from a clean clone, but the images COPY them: {ignored[:10]}"
@@ -404,12 +410,14 @@ def test_every_interpolated_variable_is_documented_in_env_example() -> None:
     for path in (BASE, CPU):
         text = re.sub(r"^\s*#.*$", "", path.read_text(), flags=re.M)  # comments
         text = text.replace("$$", "")  # $$ is a literal $, left to the container's shell
-        used = set(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)", text)) | set(re.findall(r"\$([A-Za-z_][A-Za-z0-9_]*)", text))
+        used = (set(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)", text))
+                | set(re.findall(r"\$([A-Za-z_][A-Za-z0-9_]*)", text)))
         assert used or path == CPU, path
         assert used <= documented, f"{path.name}: {sorted(used - documented)} not in .env.example"
 
 
-def test_every_slmcl_variable_given_to_a_service_is_read_by_the_code(base: dict[str, Any], cpu_merged: dict[str, Any]) -> None:
+def test_every_slmcl_variable_given_to_a_service_is_read_by_the_code(base: dict[str, Any],
+                                                                     cpu_merged: dict[str, Any]) -> None:
     code = read_by_code()
     given: dict[str, set[str]] = {}
     for model in (base, cpu_merged):
@@ -468,22 +476,24 @@ def test_caches_and_work_dirs_are_on_volumes(base: dict[str, Any]) -> None:
         env = env_of(svc)
         on, source = volume_for(mounts, env["SLMCL_WORK_DIR"])
         assert None not in mounts.values(), f"{name}: anonymous volumes are orphaned by every down/up"
-        if name in ("trainer", "evaluator"):
-            # replicas (--scale) must not share one: the evaluator replaces an adapter folder that
-            # another process could be reading (evaluator_service/core.py fetch_adapter)
-            tmpfs = svc.get("tmpfs") or []
-            assert env["SLMCL_WORK_DIR"] in [e.split(":")[0] for e in tmpfs], f"{name}: the work dir must be a tmpfs"
-        else:
-            assert on, f"{name}: SLMCL_WORK_DIR={env['SLMCL_WORK_DIR']} is not on a volume"
+        # Per container, gone with it: replicas (--scale) must not share one (the evaluator replaces an
+        # adapter folder another process could be reading), and nothing there outlives a stage.
+        tmpfs = svc.get("tmpfs") or []
+        assert env["SLMCL_WORK_DIR"] in [e.split(":")[0] for e in tmpfs], f"{name}: the work dir must be a tmpfs"
+        if name in ("trainer", "evaluator"):  # they load models; the monitor runs none (TORCH_FLAVOR=none)
             for var in ("SLMCL_CACHE_DIR", "HF_HOME"):
                 on, source = volume_for(mounts, env[var])
                 assert on and source in declared, f"{name}: {var}={env[var]} must be on the shared model-cache volume"
+    assert base["services"]["monitor"]["build"]["args"]["TORCH_FLAVOR"] == "none"
 
 
 def test_backing_services_and_start_order(base: dict[str, Any]) -> None:
     svcs = base["services"]
     assert svcs["redis"]["image"].startswith("redis:7")
-    assert "--appendonly" in svcs["redis"]["command"] and svcs["redis"]["volumes"]
+    assert "--appendonly yes" in " ".join(svcs["redis"]["command"]) and svcs["redis"]["volumes"]
+    assert "--requirepass" in " ".join(svcs["redis"]["command"]), "Redis must require its password"
+    for name in ("monitor", "evaluator"):
+        assert "SLMCL_TOKENS" in env_of(svcs[name]), f"{name}: every gRPC call needs a token"
     assert svcs["minio"]["image"].startswith("minio/minio") and svcs["minio"]["volumes"]
     assert svcs["minio-init"]["image"].startswith("minio/mc")
     assert svcs["minio-init"]["depends_on"]["minio"]["condition"] == "service_healthy"
@@ -572,7 +582,8 @@ HEALTHCHECK = REPO / "docker" / "healthcheck.py"
 
 
 def run_healthcheck(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, str(HEALTHCHECK), *args], capture_output=True, text=True, timeout=60, env=env)
+    return subprocess.run([sys.executable, str(HEALTHCHECK), *args], capture_output=True, text=True, timeout=60,
+                          env=env)
 
 
 def test_healthcheck_grpc_against_a_real_health_server() -> None:
@@ -599,6 +610,7 @@ def test_healthcheck_grpc_against_a_real_health_server() -> None:
     assert proc.returncode == 1 and "UNAVAILABLE" in proc.stdout, proc.stdout + proc.stderr
 
 
+@pytest.mark.integration  # starts Redis
 def test_healthcheck_rq_sees_a_worker_of_this_host(redis_server: Any) -> None:
     import os
 

@@ -63,12 +63,29 @@ class Trio:
                          for p in sorted(self.logs.glob("*.log")))
 
 
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def shared_trio(module_service_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Trio]:
+    """Started once for the tests that leave every process running (stopped by pid at the module's end)."""
+    t = Trio({**module_service_env, "SLMCL_TORCH_THREADS": "1"}, tmp_path_factory.mktemp("trio") / "logs")
+    try:
+        t.start()
+        yield t
+    finally:
+        t.stop()
+
+
 @pytest.fixture()
 def trio(service_env: dict[str, str], tmp_path: Path) -> Iterator[Trio]:
+    """A trio of the test's own, for the tests that kill or restart one of its processes."""
     t = Trio({**service_env, "SLMCL_TORCH_THREADS": "1"}, tmp_path / "logs")
-    t.start()
-    yield t
-    t.stop()
+    try:
+        t.start()
+        yield t
+    finally:
+        t.stop()
 
 
 def _csv(path: Path) -> list[dict[str, str]]:
@@ -85,8 +102,10 @@ def _watch_to_end(client: MonitorClient, exp_id: str, trio: Trio, timeout: float
     return events
 
 
-def test_submit_watch_results_equal_the_embedded_run(trio: Trio, tiny_model_dir: Path, data_dir: Path,
+@pytest.mark.slow
+def test_submit_watch_results_equal_the_embedded_run(shared_trio: Trio, tiny_model_dir: Path, data_dir: Path,
                                                      tmp_path: Path) -> None:
+    trio = shared_trio
     spec = spec_from_dict(tiny_spec_dict(tiny_model_dir, data_dir, tmp_path / "embedded"))
     ExperimentRunner(spec).run()
 
@@ -141,7 +160,8 @@ def test_submit_watch_results_equal_the_embedded_run(trio: Trio, tiny_model_dir:
     assert exp.id in listed
 
 
-def test_errors_map_to_status_codes(trio: Trio, tiny_model_dir: Path, data_dir: Path, tmp_path: Path) -> None:
+def test_errors_map_to_status_codes(shared_trio: Trio, tiny_model_dir: Path, data_dir: Path, tmp_path: Path) -> None:
+    trio = shared_trio
     client = MonitorClient(trio.monitor_address)
     spec = spec_from_dict(tiny_spec_dict(tiny_model_dir, data_dir, tmp_path / "x"))
     bad = spec.to_dict()
@@ -161,6 +181,7 @@ def test_errors_map_to_status_codes(trio: Trio, tiny_model_dir: Path, data_dir: 
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+@pytest.mark.slow
 def test_trainer_crash_midrun_completes_with_one_row_per_stage(trio: Trio, tiny_model_dir: Path, data_dir: Path,
                                                               tmp_path: Path) -> None:
     # Slow enough stages (more rows, one row per step) that the kill lands mid-run.
@@ -187,6 +208,7 @@ def test_trainer_crash_midrun_completes_with_one_row_per_stage(trio: Trio, tiny_
     assert sorted(r["step"] for r in stab) == ["0", "1", "2", "3"]
 
 
+@pytest.mark.slow
 def test_experiment_survives_a_monitor_restart(trio: Trio, tiny_model_dir: Path, data_dir: Path,
                                                tmp_path: Path) -> None:
     spec = spec_from_dict(tiny_spec_dict(tiny_model_dir, data_dir, tmp_path / "x", tasks=["fomc", "scienceqa"],

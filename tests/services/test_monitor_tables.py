@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 import redis
 
-from monitor_service import control as control_module
 from monitor_service.control import Control
 from service_common.settings import Settings
 from slmcl.config.spec import spec_from_dict
+from slmcl.protocol import stages as protocol
 from slmcl.storage.local import LocalStore
 from tests.conftest import tiny_spec_dict
 
@@ -28,15 +28,15 @@ def test_a_stale_reader_cannot_overwrite_the_tables_of_a_later_stage(
     early_reading = threading.Event()
     written: list[list[str]] = []
 
-    def read_stages(_store: Any) -> list[str]:
+    def read_stages(_store: Any, _rid: str | None = None) -> list[str]:
         if threading.current_thread().name == "early":
             early_reading.set()
             time.sleep(0.5)  # "late" commits and writes meanwhile, unless it must wait
             return ["r0"]
         return ["r0", "r1"]
 
-    monkeypatch.setattr(control_module, "read_stages", read_stages)
-    monkeypatch.setattr(control_module, "write_tables", lambda _store, records: written.append(list(records)))
+    monkeypatch.setattr(protocol, "read_stages", read_stages)
+    monkeypatch.setattr(protocol, "write_tables", lambda _store, records: written.append(list(records)))
 
     early = threading.Thread(target=ctl._maybe_finish, args=("exp",), name="early")
     early.start()

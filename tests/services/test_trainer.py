@@ -28,15 +28,15 @@ from rq.serializers import JSONSerializer
 from service_common import keys
 from service_common.datasets import map_paths, sha256_hex
 from service_common.local_servers import stop_pid
+from service_common.run_queue import enqueue_run
 from service_common.s3_store import S3Store
 from service_common.settings import Settings
 from slmcl.config.spec import ExperimentSpec, spec_from_dict
-from slmcl.protocol.embedded import ExperimentRunner
 from slmcl.protocol import layout
+from slmcl.protocol.embedded import ExperimentRunner
 from slmcl.protocol.layout import checkpoint_prefix, run_id
 from slmcl.storage.local import get_dir
 from tests.conftest import REPO, tiny_spec_dict
-from service_common.run_queue import enqueue_run
 
 pytestmark = pytest.mark.integration
 
@@ -224,7 +224,6 @@ def test_killed_worker_job_resumes_on_another_worker_without_repeating_stages(
     ctx.wait(lambda: ctx.store.exists(ctx.key(exp, layout.trained_key(rid, 1))), 120, "stage 1's trained record")
     os.killpg(first.pid, signal.SIGKILL)  # the worker and anything it started, like a container dying
     first.wait()
-    killed_at = time.time()
     assert ctx.job(job.id).get_status() == JobStatus.STARTED  # abandoned, as RQ sees it
     before = {k: ctx.store.client.stat_object(ctx.store.bucket, k)
               for k in ctx.store.list_keys(ctx.key(exp, f"runs/{rid}"))}
@@ -233,6 +232,7 @@ def test_killed_worker_job_resumes_on_another_worker_without_repeating_stages(
 
     second = ctx.start_worker(*flags, "--name", "heir", env=env)
     ExperimentRunner(spec_from_dict(spec_dict)).run()  # the uninterrupted embedded run, while we wait
+    # The bound is far below the job timeout (24 h): a job left to its full timeout fails this wait.
     ctx.wait(lambda: ctx.job(job.id).get_status() in (JobStatus.FINISHED, JobStatus.FAILED), 120, "the resumed job")
 
     job = ctx.job(job.id)
@@ -254,7 +254,6 @@ def test_killed_worker_job_resumes_on_another_worker_without_repeating_stages(
         assert ctx.store.get_bytes(k) == contents[k]
     started = [e for e in ctx.events(exp) if e["kind"] == "run_started"]
     assert [e["data"]["resumed_from"] for e in started] == [0, done_before]
-    assert started[1]["time"] - killed_at < 60, "the abandoned job waited for its full timeout"
 
     # Resuming trains exactly like never stopping.
     for step in (1, 2, 3):

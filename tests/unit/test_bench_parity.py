@@ -24,13 +24,13 @@ import pytest
 import torch
 
 from bench import naive
-from slmcl.tasks.data import load_examples
-from slmcl.models.engine import Engine, stage_seed
+from slmcl.config.spec import ModelSpec, spec_from_dict
 from slmcl.inference.evaluation import render_prompt_ids
 from slmcl.inference.generation import greedy_generate
-from slmcl.models.loading import adapter_state, load_model
-from slmcl.config.spec import ModelSpec, spec_from_dict
 from slmcl.inference.stability import last_position_logprobs
+from slmcl.models.engine import Engine, stage_seed
+from slmcl.models.loading import adapter_state, load_model
+from slmcl.tasks.data import load_examples
 from tests.conftest import tiny_spec_dict
 
 TOL_STABILITY = 1e-4
@@ -113,6 +113,7 @@ def _compare_eval(engine: Engine) -> tuple[int, int]:
     return agree, total
 
 
+@pytest.mark.slow  # > 10 s: HF generate and our loop on every task
 def test_fast_evaluation_gives_the_naive_answers(engine: Engine, checkpoint: dict[str, torch.Tensor]) -> None:
     _load(engine, checkpoint)
     agree, total = _compare_eval(engine)
@@ -212,6 +213,7 @@ def test_stability_numbers_match_naive_with_one_forward_per_row(
 # -- training ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # > 10 s: two training stages, ours and the naive one with gradient checkpointing
 def test_train_stage_loss_matches_the_naive_loop(engine: Engine, checkpoint: dict[str, torch.Tensor]) -> None:
     spec = engine.spec
     assert spec.lora.dropout == 0.0
@@ -244,14 +246,16 @@ def test_train_stage_loss_matches_the_naive_loop(engine: Engine, checkpoint: dic
     base = engine.model.get_base_model()
     assert not engine.model.training
     assert base.config.use_cache is True
-    flag = "is_activation_checkpointing" if hasattr(base, "is_activation_checkpointing") else "is_gradient_checkpointing"
+    flag = ("is_activation_checkpointing" if hasattr(base, "is_activation_checkpointing")
+            else "is_gradient_checkpointing")
     assert not getattr(base, flag)
     assert not getattr(base, "_require_grads_hooks", None)
 
 
 def test_naive_training_turns_on_gradient_checkpointing(engine: Engine) -> None:
     base = engine.model.get_base_model()
-    flag = "is_activation_checkpointing" if hasattr(base, "is_activation_checkpointing") else "is_gradient_checkpointing"
+    flag = ("is_activation_checkpointing" if hasattr(base, "is_activation_checkpointing")
+            else "is_gradient_checkpointing")
     with naive.naive_training_mode(engine.model, gradient_checkpointing=True):
         assert getattr(base, flag)
         assert engine.model.training and base.config.use_cache is False

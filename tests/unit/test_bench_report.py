@@ -13,8 +13,10 @@ def _result(checks: dict[str, Any]) -> dict[str, Any]:
         "wall_seconds": 12.0, "sizes": {"eval_rows": 2}, "checks": checks,
         "versions": {"torch": "x"}, "loadavg_start": [0.0], "loadavg_end": [0.0],
         "rows": [
-            {"name": "eval_seconds", "unit": "s/checkpoint", "naive": 47.18, "ours": 14.85, "ratio": 3.177, "note": "n"},
-            {"name": "stability_base_p0_seconds", "unit": "s once", "naive": None, "ours": 2.42, "ratio": None, "note": ""},
+            {"name": "eval_seconds", "unit": "s/checkpoint", "naive": 47.18, "ours": 14.85, "ratio": 3.177,
+             "note": "n"},
+            {"name": "stability_base_p0_seconds", "unit": "s once", "naive": None, "ours": 2.42, "ratio": None,
+             "note": ""},
         ],
     }
 
@@ -27,5 +29,5 @@ def test_rows_render_with_ratios_and_dashes_for_missing_values() -> None:
 
 
 def test_a_report_without_checks_says_so() -> None:
-    line = next(l for l in markdown(_result({})).splitlines() if l.startswith("Checks"))
+    line = next(ln for ln in markdown(_result({})).splitlines() if ln.startswith("Checks"))
     assert line.endswith("none in these rows (the service tests check the services' answers)")

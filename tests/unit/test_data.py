@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from slmcl.tasks.data import Example, file_sha256, load_examples
 from slmcl.errors import DataError
+from slmcl.tasks.data import Example, file_sha256, load_examples
 
 
 def write(tmp_path: Path, content: Any, name: str = "rows.json") -> Path:

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from slmcl.training.dropout import LoraDropout, bernoulli_mask
-from slmcl.models.loading import attach_lora, load_model
 from slmcl.config.spec import LoraSpec, ModelSpec
+from slmcl.models.loading import attach_lora, load_model
+from slmcl.training.dropout import LoraDropout, bernoulli_mask
 
 
 @pytest.mark.parametrize("p", [0.05, 0.3, 1 / 3])

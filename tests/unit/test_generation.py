@@ -14,11 +14,11 @@ from typing import Any
 import pytest
 import torch
 
+from slmcl.config.spec import ChatSpec, ModelSpec, TaskSpec
 from slmcl.inference.evaluation import evaluate_task
 from slmcl.inference.generation import Generation, greedy_generate
 from slmcl.models.loading import LoadedModel, load_model
 from slmcl.tasks.prompts import PromptRenderer
-from slmcl.config.spec import ChatSpec, ModelSpec, TaskSpec
 
 CPU = torch.device("cpu")
 MAX_NEW = 8

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from slmcl.models.loading import attach_lora, load_model, merged_adapter
 from slmcl.config.spec import LoraSpec, ModelSpec
+from slmcl.models.loading import attach_lora, load_model, merged_adapter
 
 
 @pytest.fixture()

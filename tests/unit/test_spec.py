@@ -206,7 +206,7 @@ def test_check_files_false_skips_the_file_check(tmp_path: Path) -> None:
         ({"evaluation": {"max_new_tokens": 5000}}, "evaluation.max_new_tokens: must be <= 4096"),
         ({"evaluation": {"max_new_tokens": 0}}, "evaluation.max_new_tokens: must be > 0"),
         ({"strategy": {"name": "nope"}}, "strategy.name: unknown strategy 'nope'"),
-        ({"device": "tpu"}, "device: must be one of"),
+        ({"device": "tpu"}, "device: must be auto, cpu, cuda or cuda:N"),
         ({"lora": "big"}, "lora: expected a mapping"),
         ({"tasks": [{"name": "mine", "train_file": "a.json"}]}, "tasks[0].test_file: missing"),
     ],

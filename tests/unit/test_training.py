@@ -17,13 +17,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from slmcl.tasks.data import Example, load_examples
+from slmcl.config.spec import BUILTIN_TASKS, ChatSpec, LoraSpec, ModelSpec, TaskSpec, TrainingSpec
 from slmcl.errors import DataError, TrainingError
 from slmcl.models.loading import LoadedModel, attach_lora, load_model
+from slmcl.tasks.data import Example, load_examples
 from slmcl.tasks.prompts import PromptRenderer
-from slmcl.config.spec import BUILTIN_TASKS, ChatSpec, LoraSpec, ModelSpec, TaskSpec, TrainingSpec
-from slmcl.training.strategies import StageContext
-from slmcl.training.strategies.lora import SequentialLoRA
 from slmcl.training.loop import (
     IGNORE,
     SFTExample,
@@ -33,6 +31,8 @@ from slmcl.training.loop import (
     train_stage,
     weighted_chunk_loss,
 )
+from slmcl.training.strategies import StageContext
+from slmcl.training.strategies.lora import SequentialLoRA
 
 CPU = torch.device("cpu")
 
