@@ -21,7 +21,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import redis
 from rq import Queue
@@ -33,7 +33,7 @@ from monitor_service.evaluators import EvaluationFailed, EvaluatorPool
 from monitor_service.stages import MAX_REQUESTS_IN_FLIGHT, BaseRowsCache, RemoteEvaluator
 from service_common import keys
 from service_common.datasets import map_paths, parse_spec_json, sha256_hex, spec_paths
-from service_common.redis_conn import is_redis_outage
+from service_common.redis_conn import HashFields, is_redis_outage, stream_entries, text, text_fields
 from service_common.retry import RetryPolicy, call_with_retry
 from service_common.run_queue import enqueue_run
 from service_common.s3_store import is_transient as is_store_outage
@@ -98,8 +98,8 @@ class Control:
         self.consumer = f"monitor-{socket.gethostname()}"
         self.retry_policy = RetryPolicy.from_env()
         # Stage notices being handled (an entry is dispatched once at a time), and when each first met an outage.
-        self._inflight: set[bytes] = set()
-        self._outage_since: dict[bytes, float] = {}
+        self._inflight: set[str] = set()
+        self._outage_since: dict[str, float] = {}
         self._inflight_lock = threading.Lock()
         # One handler of a stage at a time (a notice and a resume may both bring it): [lock, handlers waiting or in].
         self._stage_locks: dict[tuple[str, str, int], list[Any]] = {}
@@ -112,7 +112,7 @@ class Control:
         if client_request_id:
             existing = self.redis.get(keys.request_key(client_request_id))
             if existing:
-                return existing.decode()
+                return text(existing)
         spec = parse_spec_json(spec_json)
         limits = self.settings
         n_runs = len(spec.orders) * len(spec.seeds)
@@ -144,17 +144,20 @@ class Control:
                 if not self.store.exists(path[len(keys.STORE_PREFIX):]):
                     raise SpecError(f"{field_name}: {path} is not in the store")
                 continue
-            f = by_path.get(path)
-            if f is None:
+            sent = by_path.get(path)
+            if sent is None:
                 raise SpecError(f"{field_name}: the file {path} was not sent with the spec (files)")
-            self._check_dataset(field_name, f, limits.max_dataset_rows)
-            key = layout.dataset_key(f.sha256)
-            uploads.append((key, f.content))
+            self._check_dataset(field_name, sent, limits.max_dataset_rows)
+            key = layout.dataset_key(sent.sha256)
+            uploads.append((key, sent.content))
             rewrite[path] = keys.STORE_PREFIX + key
         stored_spec = map_paths(spec, lambda p: rewrite.get(p, p))
         exp_id = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
         if client_request_id and not self.redis.set(keys.request_key(client_request_id), exp_id, nx=True):
-            return self.redis.get(keys.request_key(client_request_id)).decode()  # a concurrent twin won
+            twin = self.redis.get(keys.request_key(client_request_id))  # a concurrent twin won
+            if twin is None:  # the key has no expiry: only someone deleting it by hand gets here
+                raise RuntimeError(f"client_request_id: the key of {client_request_id!r} vanished during this submit")
+            return text(twin)
         for key, content in uploads:
             if not self.store.exists(key):
                 self.store.put_bytes(key, content)
@@ -163,9 +166,10 @@ class Control:
         tree.store.put_bytes(layout.SPEC_JSON, stored_spec.to_json().encode())
         tree.store.put_bytes(layout.EXPERIMENT_JSON, json.dumps(
             {"id": exp_id, "name": spec.name, "client_request_id": client_request_id, "created_at": now}).encode())
-        self.redis.hset(keys.experiment_hash(exp_id), mapping={
+        created: HashFields = {
             "state": "queued", "error": "", "name": spec.name, "model": spec.model.name, "created_at": now,
-            "updated_at": now, "client_request_id": client_request_id})
+            "updated_at": now, "client_request_id": client_request_id}
+        self.redis.hset(keys.experiment_hash(exp_id), mapping=created)
         self.redis.zadd(keys.EXPERIMENTS_ZSET, {exp_id: now})
         self._specs[exp_id] = stored_spec
         self.event(exp_id, "experiment_started", data={"runs": len(spec.orders) * len(spec.seeds)})
@@ -200,7 +204,7 @@ class Control:
         return bool(self.redis.exists(keys.experiment_hash(exp_id)))
 
     def experiment(self, exp_id: str) -> dict[str, Any]:
-        h = {k.decode(): v.decode() for k, v in self.redis.hgetall(keys.experiment_hash(exp_id)).items()}
+        h = text_fields(self.redis.hgetall(keys.experiment_hash(exp_id)))
         if not h:
             raise NotFoundError(f"no experiment {exp_id!r}")
         spec = self.spec(exp_id)
@@ -226,18 +230,19 @@ class Control:
                 "runs": runs}
 
     def list_ids(self) -> list[str]:
-        return [x.decode() for x in self.redis.zrange(keys.EXPERIMENTS_ZSET, 0, -1)]
+        # redis-py's ZSetRangeResponse also lists the WITHSCORES shapes; without it the reply is the members.
+        return [text(x) for x in cast("list[bytes | str]", self.redis.zrange(keys.EXPERIMENTS_ZSET, 0, -1))]
 
     # ------------------------------------------------------------------ state & events
     def _set_state(self, exp_id: str, state: str, error: str = "") -> None:
-        fields: dict[str, Any] = {"state": state, "updated_at": time.time()}
+        fields: HashFields = {"state": state, "updated_at": time.time()}
         if error:
             fields["error"] = error
         self.redis.hset(keys.experiment_hash(exp_id), mapping=fields)
 
     def state(self, exp_id: str) -> str:
         s = self.redis.hget(keys.experiment_hash(exp_id), "state")
-        return s.decode() if s else ""
+        return text(s) if s else ""
 
     def event(self, exp_id: str, kind: str, run: str = "", step: int = 0, task: str = "",
               data: dict[str, Any] | None = None) -> None:
@@ -253,10 +258,10 @@ class Control:
         while not self._stop.is_set():
             terminal = self.state(exp_id) in TERMINAL
             got = self.redis.xread({keys.events_stream(exp_id): last}, count=500, block=None if terminal else block_ms)
-            entries = got[0][1] if got else []
+            entries = stream_entries(got)
             for eid, fields in entries:
-                last = eid.decode()
-                yield last, {k.decode(): v.decode() for k, v in fields.items()}
+                last = eid
+                yield eid, fields
             if terminal and not entries:
                 return
 
@@ -277,9 +282,9 @@ class Control:
                     continue
                 if job.get_status() in (JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.SCHEDULED):
                     job.cancel()
-        h = {k.decode(): v.decode() for k, v in self.redis.hgetall(keys.experiment_hash(exp_id)).items()}
-        runs = {f"run:{run_id(o, s)}:state": "cancelled" for o in spec.orders for s in spec.seeds
-                if h.get(f"run:{run_id(o, s)}:state") != "done"}
+        h = text_fields(self.redis.hgetall(keys.experiment_hash(exp_id)))
+        runs: HashFields = {f"run:{run_id(o, s)}:state": "cancelled" for o in spec.orders for s in spec.seeds
+                            if h.get(f"run:{run_id(o, s)}:state") != "done"}
         if runs:
             self.redis.hset(keys.experiment_hash(exp_id), mapping=runs)
         self._set_state(exp_id, "cancelled")
@@ -300,7 +305,7 @@ class Control:
             raise NotResumableError(f"experiment {exp_id} is {state or 'in no known state'}: only a failed or "
                                     "cancelled experiment can be resumed")
         spec, tree = self.spec(exp_id), self.tree(exp_id)
-        fields: dict[str, Any] = {"state": "running", "error": "", "updated_at": time.time()}
+        fields: HashFields = {"state": "running", "error": "", "updated_at": time.time()}
         enqueue: list[tuple[list[str], int]] = []
         measure_now: list[dict[str, str]] = []
         for order in spec.orders:
@@ -487,7 +492,7 @@ class Control:
                     next_sweep = time.monotonic() + PENDING_SWEEP_SECONDS
                 got = self.redis.xreadgroup(keys.MONITOR_GROUP, self.consumer, {keys.STAGE_EVENTS_STREAM: ">"},
                                             count=16, block=1000)
-                for eid, raw in (got[0][1] if got else []):
+                for eid, raw in stream_entries(got):
                     self._dispatch(eid, raw)
             except redis.ResponseError as exc:
                 if "NOGROUP" in str(exc):  # Redis came back without our group (its data lost): recreate it
@@ -504,29 +509,28 @@ class Control:
         while not self._stop.is_set():
             got = self.redis.xreadgroup(keys.MONITOR_GROUP, self.consumer, {keys.STAGE_EVENTS_STREAM: start},
                                         count=100)
-            entries = got[0][1] if got else []
+            entries = stream_entries(got)
             if not entries:
                 return
             for eid, raw in entries:
                 self._dispatch(eid, raw)
-            start = entries[-1][0].decode() if isinstance(entries[-1][0], bytes) else entries[-1][0]
+            start = entries[-1][0]
 
-    def _dispatch(self, eid: bytes, raw: dict[bytes, bytes] | None) -> None:
-        if not raw:  # trimmed from the stream while pending: nothing left to handle
+    def _dispatch(self, eid: str, fields: dict[str, str]) -> None:
+        if not fields:  # trimmed from the stream while pending: nothing left to handle
             self.redis.xack(keys.STAGE_EVENTS_STREAM, keys.MONITOR_GROUP, eid)
             return
         with self._inflight_lock:
             if eid in self._inflight:
                 return
             self._inflight.add(eid)
-        fields = {k.decode(): v.decode() for k, v in raw.items()}
         try:
             self._stages.submit(self._handle_stage_entry, eid, fields)
         except RuntimeError:  # the executor is shut down: the monitor is stopping, the entry stays pending
             with self._inflight_lock:
                 self._inflight.discard(eid)
 
-    def _handle_stage_entry(self, eid: bytes, fields: dict[str, str]) -> None:
+    def _handle_stage_entry(self, eid: str, fields: dict[str, str]) -> None:
         exp_id = fields.get("experiment_id", "")
         epoch = self._epochs.get(exp_id, 0)
         try:
@@ -553,7 +557,7 @@ class Control:
             with self._inflight_lock:
                 self._inflight.discard(eid)
 
-    def _still_waiting(self, eid: bytes) -> bool:
+    def _still_waiting(self, eid: str) -> bool:
         """Whether this entry's outage is younger than the retry budget (past it, the stage fails)."""
         with self._inflight_lock:
             since = self._outage_since.setdefault(eid, time.monotonic())

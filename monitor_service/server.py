@@ -19,7 +19,7 @@ import json
 import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 import grpc
 import grpc.aio
@@ -28,6 +28,7 @@ import redis.asyncio as aioredis
 from monitor_service.control import TERMINAL, Control, SubmittedFile
 from service_common import keys
 from service_common.grpc_server import status_for
+from service_common.redis_conn import stream_entries, text
 from slmcl.errors import NotFoundError, SlmclError
 from slmcl.protocol import layout
 from slmcl.protocol.layout import checkpoint_prefix
@@ -180,11 +181,6 @@ async def stream_files(store: Any, keys_and_names: list[tuple[str, str]]) -> Asy
             yield chunk
 
 
-def _text(value: bytes | str) -> str:
-    """redis-py types a reply ``bytes | str`` (``decode_responses`` decides); our clients get bytes."""
-    return value.decode() if isinstance(value, bytes) else value
-
-
 async def watch_events(r: aioredis.Redis, exp_id: str, after: str) -> AsyncIterator[tuple[str, dict[str, str], str]]:
     """Replay, then follow, the experiment's event stream until it ends and nothing is left.
 
@@ -197,18 +193,16 @@ async def watch_events(r: aioredis.Redis, exp_id: str, after: str) -> AsyncItera
     last = after or "0-0"
     while True:
         raw_state = await r.hget(h, "state")
-        state = _text(raw_state) if raw_state else ""
+        state = text(raw_state) if raw_state else ""
         terminal = state in TERMINAL
         got = await r.xread({stream: last}, count=WATCH_BATCH, block=None if terminal else WATCH_BLOCK_MS)
-        # redis-py's XReadResponse also lists the RESP3 dict shapes; a client with legacy_responses (its
-        # default, ours) gets [[stream, [(id, {field: value}), ...]]].
-        entries: list[tuple[bytes, dict[bytes, bytes]]] = cast("list[list[Any]]", got)[0][1] if got else []
+        entries = stream_entries(got)
         if entries and not terminal:
             raw_state = await r.hget(h, "state")  # the state after these events, as the event says
-            state = _text(raw_state) if raw_state else state
+            state = text(raw_state) if raw_state else state
         for eid, fields in entries:
-            last = eid.decode()
-            yield last, {k.decode(): v.decode() for k, v in fields.items()}, state
+            last = eid
+            yield eid, fields, state
         if terminal and not entries:
             return
 

@@ -13,14 +13,15 @@ import asyncio
 import logging
 import socket
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, TypeAlias, TypeVar
 
 import redis
 import redis.asyncio
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
+from redis.typing import EncodableT, FieldT, XReadGroupResponse, XReadResponse
 
 from service_common.retry import RetryPolicy
 
@@ -136,4 +137,45 @@ def is_redis_outage(exc: BaseException) -> bool:
     return isinstance(exc, (redis.ConnectionError, redis.TimeoutError))
 
 
-__all__ = ["AsyncBudgetRetry", "BudgetRetry", "async_redis_from_url", "is_redis_outage", "redis_from_url"]
+# -- replies -------------------------------------------------------------------------------------
+# redis-py types its replies for every client configuration: ``bytes | str`` (``decode_responses``
+# decides) and, for stream reads, the RESP3 dict shapes too. Our clients (built above) keep the
+# defaults: bytes, and the legacy RESP2 shapes. These helpers turn such a reply into the ``str`` values
+# the services use, in one place, so that no caller needs a cast or an ignore of its own.
+
+HashFields: TypeAlias = "dict[FieldT, EncodableT]"
+"""What ``hset(mapping=...)`` accepts: its stub's ``Mapping`` is invariant in the key, so a ``dict[str, ...]``
+is refused although every key is a ``str``; annotate the dict you build with this instead."""
+
+
+def text(value: bytes | str) -> str:
+    """A reply value as ``str``: our clients get ``bytes`` (UTF-8), a ``decode_responses`` client ``str``."""
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def text_fields(fields: Mapping[bytes | str, bytes | str] | None) -> dict[str, str]:
+    """A hash (``hgetall``) or a stream entry's fields, keys and values as ``str``.
+
+    ``None`` (the fields of a pending entry trimmed from its stream) is ``{}``.
+    """
+    return {text(k): text(v) for k, v in fields.items()} if fields else {}
+
+
+def stream_entries(got: XReadResponse | XReadGroupResponse | None) -> list[tuple[str, dict[str, str]]]:
+    """The entries of an XREAD / XREADGROUP reply for ONE stream: ``[(entry id, {field: value}), ...]``.
+
+    An empty read (``None`` or ``[]``) has none. A pending entry that was trimmed from the stream comes
+    back from XREADGROUP with no fields: it is ``(id, {})`` here (a real entry always has a field, so an
+    empty dict says "nothing left to handle" as ``None`` did).
+    """
+    if not got:
+        return []
+    if isinstance(got, dict):
+        raise TypeError("stream_entries reads the legacy (RESP2) reply of a client built by redis_from_url / "
+                        "async_redis_from_url; this one is a RESP3 dict (protocol=3)")
+    # The legacy shape, what our clients get: [[stream, [(id, {field: value} or None), ...]]].
+    return [(text(eid), text_fields(fields)) for eid, fields in got[0][1]]
+
+
+__all__ = ["AsyncBudgetRetry", "BudgetRetry", "HashFields", "async_redis_from_url", "is_redis_outage",
+           "redis_from_url", "stream_entries", "text", "text_fields"]

@@ -50,10 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     import trainer_service.jobs  # noqa: F401 - torch, transformers, peft load now, not inside the first job
     from service_common.redis_conn import redis_from_url
     from service_common.settings import Settings
-    from trainer_service.worker import TrainerWorker
-
     from slmcl.errors import SlmclError
     from slmcl.storage.factory import open_store
+    from trainer_service.worker import TrainerWorker
 
     settings = Settings()
     try:

@@ -33,13 +33,13 @@ from service_common import keys
 from service_common.datasets import localize
 from service_common.redis_conn import redis_from_url
 from service_common.settings import Settings
-from slmcl.models.engine import Engine
-from slmcl.errors import CancelledError, SlmclError
-from slmcl.protocol import layout
-from slmcl.protocol.records import TrainedStage
-from slmcl.protocol import stages as protocol
-from slmcl.protocol.stages import ResultsTree, RunHooks
 from slmcl.config.spec import ExperimentSpec, spec_from_dict
+from slmcl.errors import CancelledError, SlmclError
+from slmcl.models.engine import Engine
+from slmcl.protocol import layout
+from slmcl.protocol import stages as protocol
+from slmcl.protocol.records import TrainedStage
+from slmcl.protocol.stages import ResultsTree, RunHooks
 from slmcl.storage.base import ArtifactStore
 from slmcl.storage.factory import open_store
 from slmcl.storage.prefixed import PrefixedStore

@@ -42,6 +42,7 @@ from rq.queue import Queue
 from rq.utils import utcparse
 from rq.worker import SimpleWorker, WorkerStatus
 
+from service_common.redis_conn import text_fields
 from slmcl.errors import SlmclError
 from trainer_service import jobs
 
@@ -140,7 +141,7 @@ class TrainerWorker(SimpleWorker):
 
     def _claim_name(self) -> None:
         """Clear the key of a dead worker of our name, or take a fresh name if that worker may be alive."""
-        data = {k.decode(): v.decode() for k, v in self.connection.hgetall(self.key).items()}
+        data = text_fields(self.connection.hgetall(self.key))
         if not data or "death" in data:
             return
         if _stale(data, self.worker_ttl):

@@ -371,7 +371,9 @@ def compare_results(service: Path, embedded: Path) -> None:
 
 
 def replica_served(env_file: Path) -> dict[str, int]:
-    out = compose("exec", "-T", "redis", "redis-cli", "--raw", "HGETALL", "slmcl:replica-served",
+    # Redis requires its password; the container's shell expands it, so it stays off our command line.
+    out = compose("exec", "-T", "redis", "sh", "-c",
+                  'redis-cli --no-auth-warning -a "$REDIS_PASSWORD" --raw HGETALL slmcl:replica-served',
                   env_file=env_file, capture=True).stdout.split()
     return {out[i]: int(out[i + 1]) for i in range(0, len(out) - 1, 2)}
 
