@@ -335,12 +335,17 @@ def wait_healthy(env_file: Path, evaluators: int, timeout: float = 900) -> None:
 
 # === the experiment ===========================================================================================
 
+TRANSCRIPT: list[str] = []  # every client command and its output, printed at the end (the README shows it)
+
+
 def slmcl(*args: str, server: str, timeout: float = 1800) -> str:
     env = {**os.environ, "SLMCL_SERVER": server, "SLMCL_TOKEN": TOKEN}
     proc = subprocess.run([str(VENV_BIN / "slmcl"), *args], cwd=REPO, env=env, text=True, capture_output=True,
                           timeout=timeout)
     if proc.returncode != 0:
         raise Failure(f"`slmcl {' '.join(args)}` exited with {proc.returncode}:\n{(proc.stdout + proc.stderr)[-3000:]}")
+    shown = [a if not a.startswith(str(REPO)) else os.path.relpath(a, REPO) for a in args]
+    TRANSCRIPT.append(f"$ slmcl {' '.join(shown)}\n{proc.stdout.rstrip()}")
     return proc.stdout
 
 
@@ -546,6 +551,8 @@ def main(argv: list[str] | None = None) -> int:
             if not args.keep_images and env_file.exists():
                 compose("down", "--rmi", "local", env_file=env_file, check=False, capture=True)
             stop_started(started)
+        if TRANSCRIPT:
+            print("transcript of the client against the compose stack:\n" + "\n".join(TRANSCRIPT), flush=True)
         print(timer.report(), flush=True)
         print(f"load average: {os.getloadavg()}", flush=True)
     log("PASSED" if ok else "FAILED")
