@@ -12,6 +12,7 @@ the caller's executor; the replica list and capacities are refreshed from the ta
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import threading
 import time
@@ -34,6 +35,9 @@ RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusC
 T = TypeVar("T")
 
 
+CONNECT_SECONDS = float(os.environ.get("SLMCL_EVALUATOR_CONNECT_SECONDS", "20"))
+
+
 class EvaluationFailed(Exception):
     pass
 
@@ -53,6 +57,7 @@ def resolve(target: str) -> list[str]:
 @dataclass
 class _Replica:
     address: str
+    channel: grpc.Channel
     stub: evaluator_pb2_grpc.EvaluatorStub
     capacity: int = 1  # requests it computes at once (Info.capacity)
     capacity_known: bool = False  # Info answered; until then 1, asked again at the next refresh
@@ -94,7 +99,8 @@ class EvaluatorPool:
                     del self._replicas[a]  # a request in flight there still releases its own object
             for a in current:
                 if a not in self._replicas:
-                    self._replicas[a] = _Replica(a, evaluator_pb2_grpc.EvaluatorStub(channel(a)))
+                    ch = channel(a)
+                    self._replicas[a] = _Replica(a, ch, evaluator_pb2_grpc.EvaluatorStub(ch))
             unknown = [r for r in self._replicas.values() if not r.capacity_known]
             self._resolved_at = time.monotonic()
         for replica in unknown:  # outside the lock: Info is a network call
@@ -157,6 +163,12 @@ class EvaluatorPool:
             replica = self._acquire(tried, time.monotonic() + wait_seconds)
             ok = False
             try:
+                # A replica that is gone (killed, scaled down) must fail fast: calls wait for a ready channel,
+                # and a dead one would hold this request until the deadline of the whole evaluation.
+                try:
+                    grpc.channel_ready_future(replica.channel).result(timeout=CONNECT_SECONDS)
+                except grpc.FutureTimeoutError:
+                    raise EvaluationFailed(f"{replica.address}: not reachable within {CONNECT_SECONDS:.0f} s") from None
                 result = call(replica)
                 ok = True
                 return result
@@ -168,6 +180,7 @@ class EvaluatorPool:
                 log.warning("%s on %s failed (%s); retrying elsewhere", what, replica.address, code.name)
                 tried.add(replica.address)
             except EvaluationFailed as exc:
+                log.warning("%s: %s; retrying elsewhere", what, exc)
                 last = exc
                 tried.add(replica.address)
             finally:
