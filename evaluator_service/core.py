@@ -33,9 +33,16 @@ from slmcl.config.spec import ExperimentSpec, TaskSpec
 from slmcl.errors import CancelledError, ModelError, NotFoundError, SpecError
 from slmcl.inference.evaluation import Prediction, TaskEvaluation
 from slmcl.models.lru import LRU
+from slmcl.protocol import layout
 from slmcl.protocol.drift import DriftRows
 from slmcl.protocol.stages import BaseEvalCache, TaskResult
 from slmcl.storage.base import ArtifactStore, get_dir
+
+
+def checkpoint_present(folder: Path) -> bool:
+    """A complete checkpoint of either format (LoRA adapter, merged model) is in ``folder``."""
+    return folder.is_dir() and layout.checkpoint_complete({p.name for p in folder.iterdir()})
+
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +209,7 @@ class EvaluatorCore:
             self._adapter_pins[prefix] = self._adapter_pins.get(prefix, 0) + 1
         try:
             with lock:
-                if not (local / "adapter_model.safetensors").is_file():
+                if not checkpoint_present(local):
                     self._download(prefix, local)
             self._adapters.put(prefix, local)
         except BaseException:
@@ -223,7 +230,7 @@ class EvaluatorCore:
             try:
                 os.rename(tmp, local)
             except OSError:
-                if not (local / "adapter_model.safetensors").is_file():
+                if not checkpoint_present(local):
                     raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -256,7 +263,8 @@ class EvaluatorCore:
         root = self.work_dir / "adapters"
         if not root.is_dir():
             return
-        found = sorted((f.stat().st_mtime, f.parent) for f in root.rglob("adapter_model.safetensors")
+        weights = [*root.rglob(layout.ADAPTER_FILES[1]), *root.rglob(layout.MERGED_FILES[1])]
+        found = sorted((f.stat().st_mtime, f.parent) for f in weights
                        if not any(part.startswith(".") for part in f.relative_to(root).parts))
         for _mtime, folder in found:
             self._adapters.put(folder.relative_to(root).as_posix(), folder)
@@ -324,12 +332,12 @@ class EvaluatorCore:
         if slot.loaded_adapter.get(key) == prefix:
             return
         slot.loaded_adapter[key] = None  # a failed swap leaves unknown weights
-        if not (adapter_dir / "adapter_model.safetensors").is_file():
+        if not checkpoint_present(adapter_dir):
             # Removed by another replica sharing the work dir: fetch it again.
             with self._state:
                 lock = self._adapter_locks.setdefault(prefix, threading.Lock())
             with lock:
-                if not (adapter_dir / "adapter_model.safetensors").is_file():
+                if not checkpoint_present(adapter_dir):
                     self._download(prefix, adapter_dir)
         try:
             engine.load_adapter(adapter_dir)

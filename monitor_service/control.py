@@ -41,7 +41,7 @@ from service_common.settings import Settings
 from slmcl.config.spec import ExperimentSpec, spec_from_dict
 from slmcl.errors import DataError, LimitExceededError, NotFoundError, SlmclError, SpecError
 from slmcl.protocol import layout
-from slmcl.protocol.layout import run_id
+from slmcl.protocol.runs import RunPlan, plan_runs
 from slmcl.protocol.stages import (
     ResultsTree,
     base_runs_missing,
@@ -115,10 +115,12 @@ class Control:
                 return text(existing)
         spec = parse_spec_json(spec_json)
         limits = self.settings
-        n_runs = len(spec.orders) * len(spec.seeds)
+        n_runs = len(plan_runs(spec))
         if n_runs > limits.max_runs_per_experiment:
+            n_strategies = len(spec.strategies or [spec.strategy])
             raise LimitExceededError(
-                f"orders x seeds: {len(spec.orders)} x {len(spec.seeds)} = {n_runs} runs, more than this server's "
+                f"strategies x orders x seeds: {n_strategies} x {len(spec.orders)} x {len(spec.seeds)} = {n_runs} "
+                "runs, more than this server's "
                 f"limit of {limits.max_runs_per_experiment} (SLMCL_MAX_RUNS_PER_EXPERIMENT)")
         ids = self.list_ids()
         pipe = self.redis.pipeline(transaction=False)
@@ -172,11 +174,10 @@ class Control:
         self.redis.hset(keys.experiment_hash(exp_id), mapping=created)
         self.redis.zadd(keys.EXPERIMENTS_ZSET, {exp_id: now})
         self._specs[exp_id] = stored_spec
-        self.event(exp_id, "experiment_started", data={"runs": len(spec.orders) * len(spec.seeds)})
+        self.event(exp_id, "experiment_started", data={"runs": len(plan_runs(spec))})
         try:
-            for order in stored_spec.orders:
-                for seed in stored_spec.seeds:
-                    enqueue_run(self.queue, exp_id, order, seed)
+            for run in plan_runs(stored_spec):
+                enqueue_run(self.queue, exp_id, run.order, run.seed, run.strategy)
         except Exception as exc:  # never a phantom "queued" experiment: it failed, and says why
             log.exception("experiment %s: enqueueing its runs failed", exp_id)
             self._fail(exp_id, f"could not enqueue its runs: {type(exc).__name__}: {exc}")
@@ -211,19 +212,18 @@ class Control:
         # "<run_id>/trained-<k>.json", "<run_id>/stage-<k>.json", ...
         trained = {k[len("runs/"):] for k in self.tree(exp_id).store.list_keys(layout.runs_prefix())}
         runs = []
-        for order in spec.orders:
-            for seed in spec.seeds:
-                rid = run_id(order, seed)
-                n_trained = sum(1 for k in range(1, len(order) + 1) if f"{rid}/trained-{k}.json" in trained)
-                n_done = sum(1 for k in range(1, len(order) + 1) if f"{rid}/stage-{k}.json" in trained)
-                state = h.get(f"run:{rid}:state", "queued")
-                if n_done == len(order):
-                    state = "done"  # the records decide: a late or repeated stage handler may have said "training"
-                elif h.get("state") == "cancelled":
-                    state = "cancelled"  # whatever it was doing: a cancelled experiment's unfinished runs stopped
-                runs.append({"run_id": rid, "order": order, "seed": seed, "stages_total": len(order),
-                             "stages_trained": n_trained, "stages_evaluated": n_done, "state": state,
-                             "error": h.get(f"run:{rid}:error", "")})
+        for run in plan_runs(spec):
+            rid, order, seed = run.run_id, list(run.order), run.seed
+            n_trained = sum(1 for k in range(1, len(order) + 1) if f"{rid}/trained-{k}.json" in trained)
+            n_done = sum(1 for k in range(1, len(order) + 1) if f"{rid}/stage-{k}.json" in trained)
+            state = h.get(f"run:{rid}:state", "queued")
+            if n_done == len(order):
+                state = "done"  # the records decide: a late or repeated stage handler may have said "training"
+            elif h.get("state") == "cancelled":
+                state = "cancelled"  # whatever it was doing: a cancelled experiment's unfinished runs stopped
+            runs.append({"run_id": rid, "order": order, "seed": seed, "stages_total": len(order),
+                         "stages_trained": n_trained, "stages_evaluated": n_done, "state": state,
+                         "error": h.get(f"run:{rid}:error", ""), "strategy": run.strategy})
         return {"id": exp_id, "name": h.get("name", ""), "state": h.get("state", ""), "model": h.get("model", ""),
                 "error": h.get("error", ""), "created_at": float(h.get("created_at", 0)),
                 "updated_at": float(h.get("updated_at", 0)), "client_request_id": h.get("client_request_id", ""),
@@ -273,18 +273,17 @@ class Control:
             return
         self.redis.set(keys.cancel_key(exp_id), "1")
         spec = self.spec(exp_id)
-        for order in spec.orders:
-            for seed in spec.seeds:
-                try:
-                    job = Job.fetch(keys.train_job_id(exp_id, run_id(order, seed)), connection=self.redis,
-                                    serializer=JSONSerializer)
-                except Exception:  # noqa: BLE001 - a job that is gone needs no cancelling
-                    continue
-                if job.get_status() in (JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.SCHEDULED):
-                    job.cancel()
+        for run in plan_runs(spec):
+            try:
+                job = Job.fetch(keys.train_job_id(exp_id, run.run_id), connection=self.redis,
+                                serializer=JSONSerializer)
+            except Exception:  # noqa: BLE001 - a job that is gone needs no cancelling
+                continue
+            if job.get_status() in (JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.SCHEDULED):
+                job.cancel()
         h = text_fields(self.redis.hgetall(keys.experiment_hash(exp_id)))
-        runs: HashFields = {f"run:{run_id(o, s)}:state": "cancelled" for o in spec.orders for s in spec.seeds
-                            if h.get(f"run:{run_id(o, s)}:state") != "done"}
+        runs: HashFields = {f"run:{r.run_id}:state": "cancelled" for r in plan_runs(spec)
+                            if h.get(f"run:{r.run_id}:state") != "done"}
         if runs:
             self.redis.hset(keys.experiment_hash(exp_id), mapping=runs)
         self._set_state(exp_id, "cancelled")
@@ -306,23 +305,22 @@ class Control:
                                     "cancelled experiment can be resumed")
         spec, tree = self.spec(exp_id), self.tree(exp_id)
         fields: HashFields = {"state": "running", "error": "", "updated_at": time.time()}
-        enqueue: list[tuple[list[str], int]] = []
+        enqueue: list[RunPlan] = []
         measure_now: list[dict[str, str]] = []
-        for order in spec.orders:
-            for seed in spec.seeds:
-                rid = run_id(order, seed)
-                trained = tree.last_trained(rid, len(order))
-                committed = {k for r, k in tree.committed(rid) if r == rid}
-                for k in range(1, trained + 1):
-                    if k not in committed:
-                        measure_now.append({"experiment_id": exp_id, "run_id": rid, "step": str(k)})
-                if trained < len(order):
-                    enqueue.append((list(order), seed))
-                else:
-                    self._forget_failed_job(exp_id, rid)  # trained to the end: its old failure is no failure now
-                done = trained == len(order) and all(k in committed for k in range(1, len(order) + 1))
-                fields[f"run:{rid}:state"] = "done" if done else ("queued" if trained < len(order) else "training")
-                fields[f"run:{rid}:error"] = ""
+        for run in plan_runs(spec):
+            rid, n = run.run_id, len(run.order)
+            trained = tree.last_trained(rid, n)
+            committed = {k for r, k in tree.committed(rid) if r == rid}
+            for k in range(1, trained + 1):
+                if k not in committed:
+                    measure_now.append({"experiment_id": exp_id, "run_id": rid, "step": str(k)})
+            if trained < n:
+                enqueue.append(run)
+            else:
+                self._forget_failed_job(exp_id, rid)  # trained to the end: its old failure is no failure now
+            done = trained == n and all(k in committed for k in range(1, n + 1))
+            fields[f"run:{rid}:state"] = "done" if done else ("queued" if trained < n else "training")
+            fields[f"run:{rid}:error"] = ""
         self._epochs[exp_id] = self._epochs.get(exp_id, 0) + 1
         self.redis.delete(keys.cancel_key(exp_id))
         self.redis.hset(keys.experiment_hash(exp_id), mapping=fields)
@@ -331,8 +329,8 @@ class Control:
         self.event(exp_id, "experiment_resumed", data={"runs_enqueued": len(enqueue),
                                                         "stages_to_measure": len(measure_now)})
         try:
-            for order, seed in enqueue:
-                enqueue_run(self.queue, exp_id, order, seed)
+            for run in enqueue:
+                enqueue_run(self.queue, exp_id, run.order, run.seed, run.strategy)
         except Exception as exc:
             log.exception("experiment %s: re-enqueueing its runs failed", exp_id)
             self._fail(exp_id, f"resume could not enqueue its runs: {type(exc).__name__}: {exc}")
@@ -585,20 +583,19 @@ class Control:
 
     def _check_jobs(self, exp_id: str) -> None:
         spec = self.spec(exp_id)
-        for order in spec.orders:
-            for seed in spec.seeds:
-                rid = run_id(order, seed)
-                try:
-                    job = Job.fetch(keys.train_job_id(exp_id, rid), connection=self.redis, serializer=JSONSerializer)
-                except Exception:  # noqa: BLE001 - expired job data: nothing to check
-                    continue
-                if job.get_status() == JobStatus.FAILED:
-                    result = job.latest_result()
-                    reason = (result.exc_string or "").strip().splitlines()[-1:] if result else []
-                    message = reason[0] if reason else "trainer job failed"
-                    self.redis.hset(keys.experiment_hash(exp_id), mapping={f"run:{rid}:state": "failed",
-                                                                           f"run:{rid}:error": message})
-                    self._fail(exp_id, f"run {rid}: {message}")
+        for run in plan_runs(spec):
+            rid = run.run_id
+            try:
+                job = Job.fetch(keys.train_job_id(exp_id, rid), connection=self.redis, serializer=JSONSerializer)
+            except Exception:  # noqa: BLE001 - expired job data: nothing to check
+                continue
+            if job.get_status() == JobStatus.FAILED:
+                result = job.latest_result()
+                reason = (result.exc_string or "").strip().splitlines()[-1:] if result else []
+                message = reason[0] if reason else "trainer job failed"
+                self.redis.hset(keys.experiment_hash(exp_id), mapping={f"run:{rid}:state": "failed",
+                                                                       f"run:{rid}:error": message})
+                self._fail(exp_id, f"run {rid}: {message}")
 
 
 __all__ = ["Control", "SubmittedFile", "TERMINAL"]

@@ -280,7 +280,7 @@ class MonitorServicer(monitor_pb2_grpc.MonitorServicer):
             return results, results.list_keys(prefix)
 
         results, listed = await asyncio.to_thread(names)
-        if not any(n.endswith("adapter_model.safetensors") for n in listed):
+        if not layout.checkpoint_complete({n[len(prefix) + 1:] for n in listed}):
             raise NotFoundError(f"experiment {exp_id}: no checkpoint for run {rid!r} step {step}")
         async for chunk in stream_files(results, [(k, k[len(prefix) + 1:]) for k in listed]):
             yield chunk

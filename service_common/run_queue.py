@@ -13,7 +13,7 @@ from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
 from service_common import keys
-from slmcl.protocol.layout import run_id
+from slmcl.protocol.layout import DEFAULT_STRATEGY, run_id
 
 TRAIN_FUNC = "trainer_service.jobs.train_run"
 JOB_TIMEOUT = 24 * 3600
@@ -24,8 +24,9 @@ RETRIES = 3
 ACTIVE = (JobStatus.QUEUED, JobStatus.STARTED, JobStatus.DEFERRED, JobStatus.SCHEDULED)
 
 
-def enqueue_run(queue: Queue, exp_id: str, order: Sequence[str], seed: int) -> Job:
-    """Enqueue ``train_run(exp_id, order, seed)`` as job ``keys.train_job_id(exp_id, run_id)``.
+def enqueue_run(queue: Queue, exp_id: str, order: Sequence[str], seed: int,
+                strategy: str = DEFAULT_STRATEGY) -> Job:
+    """Enqueue ``train_run(exp_id, order, seed, strategy)`` as job ``keys.train_job_id(exp_id, run_id)``.
 
     Idempotent while the run is queued or started (the existing job is returned). A finished,
     failed or stopped job of the same id is replaced by a fresh one (3 retries again); the new job
@@ -33,13 +34,14 @@ def enqueue_run(queue: Queue, exp_id: str, order: Sequence[str], seed: int) -> J
     """
     queue = Queue(queue.name, connection=queue.connection, serializer=JSONSerializer)  # workers read JSON
     order = [str(t) for t in order]
-    job_id = keys.train_job_id(exp_id, run_id(order, int(seed)))
+    rid = run_id(order, int(seed), strategy)
+    job_id = keys.train_job_id(exp_id, rid)
     for _ in range(10):
         try:
             return queue.enqueue_call(
-                TRAIN_FUNC, args=[exp_id, order, int(seed)], job_id=job_id, unique=True,
+                TRAIN_FUNC, args=[exp_id, order, int(seed), strategy], job_id=job_id, unique=True,
                 timeout=JOB_TIMEOUT, result_ttl=RESULT_TTL, failure_ttl=FAILURE_TTL, retry=Retry(max=RETRIES),
-                description=f"train {exp_id} {run_id(order, int(seed))}",
+                description=f"train {exp_id} {rid}",
             )
         except DuplicateJobError:
             try:

@@ -204,15 +204,16 @@ def _retries_left() -> int:
 # The job.
 
 
-def train_run(experiment_id: str, order: list[str], seed: int) -> dict[str, Any]:
-    """RQ job (JSON arguments): train the run (order, seed) of an experiment, resuming from the store."""
+def train_run(experiment_id: str, order: list[str], seed: int, strategy: str = layout.DEFAULT_STRATEGY,
+              ) -> dict[str, Any]:
+    """RQ job (JSON arguments): train the run (order, seed, strategy) of an experiment, resuming from the store."""
     settings = Settings()
-    order, seed = [str(t) for t in order], int(seed)
-    rid = layout.run_id(order, seed)
+    order, seed, strategy = [str(t) for t in order], int(seed), str(strategy)
+    rid = layout.run_id(order, seed, strategy)
     r = redis_from_url(settings.redis_url)  # waits out a Redis restart (SLMCL_RETRY_BUDGET_SECONDS)
     events = RunEvents(r, experiment_id, rid)
     try:
-        return _train_run(settings, r, events, experiment_id, order, seed, rid)
+        return _train_run(settings, r, events, experiment_id, order, seed, strategy, rid)
     except CancelledError as exc:
         _publish_quietly(events, "run_cancelled", {"reason": str(exc)})
         raise
@@ -236,7 +237,7 @@ def _publish_quietly(events: RunEvents, kind: str, data: dict[str, Any]) -> None
 
 
 def _train_run(settings: Settings, r: redis.Redis, events: RunEvents, experiment_id: str, order: list[str],
-               seed: int, rid: str) -> dict[str, Any]:
+               seed: int, strategy: str, rid: str) -> dict[str, Any]:
     t_job = time.perf_counter()
     _check_stop(r, experiment_id)
     store = open_store(settings.store_url)
@@ -244,6 +245,7 @@ def _train_run(settings: Settings, r: redis.Redis, events: RunEvents, experiment
     spec = load_spec(store, settings, experiment_id)
     for name in order:
         spec.task(name)  # SpecError on an unknown task, before the model loads
+    spec.strategy_entry(strategy)  # and on an unknown strategy entry
     engine, load_seconds = resident_engine(spec)
     _check_stop(r, experiment_id)  # a cancel during the model load stops before the first step
     resumed_from = tree.last_trained(rid, len(order))
@@ -287,9 +289,10 @@ def _train_run(settings: Settings, r: redis.Redis, events: RunEvents, experiment
                  train_seconds, f"{trained.final_loss:.4f}" if trained.final_loss is not None else "n/a")
 
     Path(settings.work_dir).mkdir(parents=True, exist_ok=True)
-    trained_steps = protocol.train_run(engine, tree, spec, order, seed, scratch=Path(settings.work_dir), hooks=RunHooks(
-        on_stage_start=on_stage_start, on_step=on_step, on_trained=on_trained,
-        check_stop=lambda: _check_stop(r, experiment_id)))
+    trained_steps = protocol.train_run(
+        engine, tree, spec, order, seed, strategy=strategy, scratch=Path(settings.work_dir),
+        hooks=RunHooks(on_stage_start=on_stage_start, on_step=on_step, on_trained=on_trained,
+                       check_stop=lambda: _check_stop(r, experiment_id)))
     seconds = time.perf_counter() - t_job
     events.publish("run_done", {"stages": len(order), "trained": trained_steps, "resumed_from": resumed_from,
                                 "seconds": seconds}, step=len(order), task=order[-1] if order else "")

@@ -39,9 +39,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)
     data = check_data(spec)
     check_output_dir(spec.output_dir)
-    n_runs = len(spec.orders) * len(spec.seeds)
-    print(f"{args.spec}: ok — model {spec.model.name}, {len(spec.tasks)} tasks, {len(spec.orders)} order(s) x "
-          f"{len(spec.seeds)} seed(s) = {n_runs} run(s), {sum(len(o) for o in spec.orders) * len(spec.seeds)} "
+    from slmcl.protocol.runs import plan_runs
+
+    runs = plan_runs(spec)
+    strategies = [s.key for s in spec.strategies]
+    print(f"{args.spec}: ok — model {spec.model.name}, {len(spec.tasks)} tasks, strategy {', '.join(strategies)}; "
+          f"{len(strategies)} strateg{'y' if len(strategies) == 1 else 'ies'} x {len(spec.orders)} order(s) x "
+          f"{len(spec.seeds)} seed(s) = {len(runs)} run(s), {sum(len(r.order) for r in runs)} "
           f"stages; {len(data)} data files, {sum(d.rows for d in data.values())} rows; results in {spec.output_dir}")
     return 0
 

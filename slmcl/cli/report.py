@@ -35,14 +35,17 @@ def render_results(path: str | Path) -> str:
 
     res = read_results(path)
     parts = [f"results: {path}"]
+    several = len({e.get("strategy", "lora") for e in res.summary["orders"]}) > 1
     for entry in res.summary["orders"]:
         order = entry["order"]
         seeds = entry["seeds"]
-        parts.append(f"\n== order {' -> '.join(order)}  (seeds {', '.join(map(str, seeds))}; mean over seeds) ==")
+        strategy = entry.get("strategy", "lora")
+        head = f"strategy {strategy}, " if several else ""
+        parts.append(f"\n== {head}order {' -> '.join(order)}  (seeds {', '.join(map(str, seeds))}; mean over seeds) ==")
         matrix = {int(k): v for k, v in entry["matrix_mean"].items()}
         parts.append("\nAccuracy matrix (rows: checkpoint, columns: task)\n" + mx.format_matrix(matrix, order))
         aggregates = mx.aggregate_seeds(
-            [mx.step_metrics(m, order) for m in mx.matrices_by_seed(_score_rows(res, order)).values()])
+            [mx.step_metrics(m, order) for m in mx.matrices_by_seed(_score_rows(res, order, strategy)).values()])
         parts.append("\nContinual-learning metrics\n" + mx.format_metrics_table(aggregates))
         stab_rows = []
         for k, v in sorted(((int(k), v) for k, v in entry["stability_mean"].items())):
@@ -51,14 +54,36 @@ def render_results(path: str | Path) -> str:
                               v.get("entropy_delta_mean"), v.get("margin_mean"), v.get("margin_delta_mean")])
         parts.append("\nStability on the reference set (nats)\n" + format_table(
             ["checkpoint", "KL mean", "KL p95", "entropy", "Δentropy", "margin", "Δmargin"], stab_rows))
+    if several:
+        parts.append("\n" + render_comparison(res.comparison))
     return "\n".join(parts)
 
 
-def _score_rows(res: Any, order: Sequence[str]) -> list[Any]:
+def render_comparison(rows: Sequence[dict[str, Any]]) -> str:
+    """The strategies side by side (comparison.csv): final metrics, drift and cost, mean over runs."""
+    from slmcl.protocol.tables import COMPARISON_VALUES
+
+    def cell(row: dict[str, Any], name: str) -> Any:
+        v = row.get(name)
+        if v is None:
+            return None
+        if name == "trainable_params":
+            return f"{v:,.0f}"
+        if name in ("seconds_per_stage", "checkpoint_mb"):
+            return f"{v:.1f}"
+        return float(v)
+
+    body = [[r["strategy"], r["runs"]] + [cell(r, n) for n, _ in COMPARISON_VALUES] for r in rows]
+    models = sorted({str(r["model"]) for r in rows})
+    title = f"Strategies compared ({', '.join(models)}; mean over each strategy's runs; comparison.csv has the std)"
+    return title + "\n" + format_table(["strategy", "runs"] + [label for _, label in COMPARISON_VALUES], body)
+
+
+def _score_rows(res: Any, order: Sequence[str], strategy: str = "lora") -> list[Any]:
     from slmcl import metrics as mx
     from slmcl.protocol.layout import order_id
     from slmcl.protocol.tables import score_rows
 
-    recs = [r for r in res.records if list(r.order) == list(order)]
+    recs = [r for r in res.records if list(r.order) == list(order) and r.strategy == strategy]
     return [mx.ScoreRow(seed=x["seed"], step=x["step"], checkpoint_task=x["checkpoint_task"], eval_task=x["eval_task"],
                         accuracy=x["accuracy"], order=order_id(order), model=x["model"]) for x in score_rows(recs)]

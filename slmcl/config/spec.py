@@ -213,6 +213,14 @@ class StrategySpec:
 
     name: Annotated[Str, Field(json_schema_extra=_enum(_strategy_names))] = "lora"
     options: dict[Str, Any] = field(default_factory=dict)
+    label: Annotated[Str | None, Field(description=(
+        "this entry's name in run ids and tables (default: the strategy's name); "
+        "needed to compare one strategy under two option sets"))] = None
+
+    @property
+    def key(self) -> str:
+        """The entry's label: what run ids, records and tables call it."""
+        return self.label or self.name
 
     @field_validator("name")
     @classmethod
@@ -222,6 +230,10 @@ class StrategySpec:
         if name not in STRATEGIES:
             raise ValueError(STRATEGIES.unknown_message(name))
         return name
+
+
+def _strategy_input(value: Any) -> Any:
+    return {"name": value} if isinstance(value, str) else value
 
 
 def _model_input(value: Any) -> Any:
@@ -265,6 +277,10 @@ class ExperimentSpec:
     reference: Annotated[ReferenceSpec, Section] = field(default_factory=ReferenceSpec)
     chat: Annotated[ChatSpec, Section] = field(default_factory=ChatSpec)
     strategy: Annotated[StrategySpec, Section] = field(default_factory=StrategySpec)
+    strategies: Annotated[
+        list[Annotated[StrategySpec, BeforeValidator(_strategy_input, json_schema_input_type=Str | StrategySpec)]],
+        Field(description="methods to compare: each is a run per order and seed (default: [strategy])"),
+    ] = field(default_factory=list)
     device: Annotated[Str, AfterValidator(_check_device),
                       Field(description="auto, cpu, cuda or cuda:N (one GPU of several)")] = "auto"
     output_dir: Str = "runs/experiment"
@@ -274,6 +290,13 @@ class ExperimentSpec:
             if t.name == name:
                 return t
         raise SpecError(f"tasks: no task named {name!r}")
+
+    def strategy_entry(self, label: str) -> StrategySpec:
+        """The ``strategies`` entry called ``label`` (a run's strategy)."""
+        for st in self.strategies or [self.strategy]:
+            if st.key == label:
+                return st
+        raise SpecError(f"strategies: no entry labelled {label!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -615,17 +638,43 @@ def _validate_values(spec: ExperimentSpec, errors: _Errors) -> ExperimentSpec:
     if spec.chat.raw_prompts and spec.chat.system_prompt:
         errors.add("chat.system_prompt", "has no effect with chat.raw_prompts: true")
 
+    return _validate_strategies(spec, errors)
+
+
+_LABEL = re.compile(r"[a-z0-9][a-z0-9_-]*")
+
+
+def _validate_strategies(spec: ExperimentSpec, errors: _Errors) -> ExperimentSpec:
+    """``strategy`` is the shorthand of a one-entry ``strategies``; every entry's options are checked here,
+    and the resolved spec records them with the strategy's defaults filled in (and both fields agreeing)."""
     from slmcl.training.strategies import StrategyOptionError, validate_strategy_options  # local: see _strategy_names
 
-    try:  # the resolved spec records the options with the strategy's defaults filled in
-        options = validate_strategy_options(spec.strategy.name, spec.strategy.options)
-    except StrategyOptionError as exc:
-        errors.lines += [f"{path}: {message}" for path, message in exc.problems]
+    if spec.strategies:
+        if spec.strategy != StrategySpec() and spec.strategy != spec.strategies[0]:
+            errors.add("strategy", "give either `strategy:` (one method) or `strategies:` (a comparison), not both")
+            return spec
+        entries, where = list(spec.strategies), [f"strategies[{i}]" for i in range(len(spec.strategies))]
+    else:
+        entries, where = [spec.strategy], ["strategy"]
+    resolved: list[StrategySpec] = []
+    for st, path in zip(entries, where, strict=True):
+        try:
+            options = validate_strategy_options(st.name, st.options)
+        except StrategyOptionError as exc:
+            errors.lines += [f"{path}{p.removeprefix('strategy')}: {m}" for p, m in exc.problems]
+            continue
+        except SpecError as exc:  # the message names its field (strategy.name / strategy.options.<key>)
+            errors.add("", str(exc).replace("strategy.", f"{path}.", 1))
+            continue
+        if st.label is not None and not _LABEL.fullmatch(st.label):
+            errors.add(f"{path}.label", f"must be lowercase letters, digits, '-' or '_', got {st.label!r}")
+        resolved.append(dataclasses.replace(st, options=options))
+    keys = [st.key for st in resolved]
+    for key in sorted({k for k in keys if keys.count(k) > 1}):
+        errors.add("strategies", f"{key!r} is listed twice: give the entries different `label:`s")
+    if len(resolved) < len(entries):
         return spec
-    except SpecError as exc:  # the message names its field (strategy.name / strategy.options.<key>)
-        errors.add("", str(exc))
-        return spec
-    return dataclasses.replace(spec, strategy=dataclasses.replace(spec.strategy, options=options))
+    return dataclasses.replace(spec, strategy=resolved[0], strategies=resolved)
 
 
 def _check_files(spec: ExperimentSpec, errors: _Errors) -> None:

@@ -20,6 +20,7 @@ from slmcl.metrics.cl import (
     Matrix,
     Metric,
     StepMetrics,
+    run_fwt,
     step_metrics,
 )
 from slmcl.metrics.render import format_matrix, format_metrics_table
@@ -48,5 +49,6 @@ __all__ = [
     "mean_matrix",
     "metrics_for_scores",
     "read_scores_csv",
+    "run_fwt",
     "step_metrics",
 ]

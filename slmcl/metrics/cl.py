@@ -78,6 +78,16 @@ def _fwt(matrix: Matrix, order: Sequence[str], k: int) -> float | None:
     return _mean_or_none(_diff(cell(matrix, k, task), cell(matrix, 0, task)) for task in order[k:])
 
 
+def run_fwt(matrix: Matrix, order: Sequence[str]) -> float | None:
+    """One number of forward transfer for a whole run (Lopez-Paz & Ranzato's): for each task after the
+    first, what the checkpoint just before it learned it knew beyond the base, ``R[j-1][j] - R[0][j]``,
+    averaged. The per-step FWT_k is undefined at the last step; this is what a comparison of methods reads."""
+    if len(order) < 2:
+        return None
+    return _mean_or_none(_diff(cell(matrix, j - 1, task), cell(matrix, 0, task))
+                         for j, task in enumerate(order[1:], start=2))
+
+
 def _avg_all_tasks(matrix: Matrix, order: Sequence[str], k: int) -> float | None:
     return _mean_or_none(cell(matrix, k, task) for task in order)
 

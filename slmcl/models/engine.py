@@ -9,6 +9,8 @@ every mode computes with the same code.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -17,7 +19,7 @@ from typing import Any
 
 import torch
 
-from slmcl.config.spec import ExperimentSpec, TaskSpec
+from slmcl.config.spec import ExperimentSpec, LoraSpec, StrategySpec, TaskSpec
 from slmcl.errors import SpecError
 from slmcl.inference.evaluation import TaskEvaluation, evaluate_tasks, one_task_progress
 from slmcl.inference.stability import (
@@ -31,8 +33,18 @@ from slmcl.inference.stability import (
     tensor_to_bytes,
 )
 from slmcl.models import loading as modeling
+from slmcl.models.checkpoints import (
+    MERGED_FORMAT,
+    base_parameter_names,
+    checkpoint_format,
+    dense_overrides,
+    read_merged_overrides,
+    save_merged,
+    shape_signature,
+    swapped_weights,
+)
 from slmcl.models.loading import LoadedModel
-from slmcl.models.lora import load_adapter_weights
+from slmcl.models.lora import ADAPTER_NAME, add_lora, load_adapter_weights, lora_config
 from slmcl.models.lora import save_adapter as save_peft_adapter
 from slmcl.models.lru import LRU
 from slmcl.protocol.drift import DriftRows
@@ -40,7 +52,7 @@ from slmcl.protocol.layout import base_reference_logp_key
 from slmcl.storage.base import ArtifactStore
 from slmcl.tasks.data import Example, file_sha256, load_examples
 from slmcl.tasks.prompts import PromptRenderer
-from slmcl.training.loop import StageTrainResult, build_sft_example, train_stage
+from slmcl.training.loop import SFTExample, StageTrainResult, build_sft_example, train_stage
 from slmcl.training.strategies import StageContext, StrategyState, get_strategy
 
 log = logging.getLogger(__name__)
@@ -64,6 +76,12 @@ class Engine:
         self.loaded = loaded if loaded is not None else modeling.load_model(spec.model, spec.device)
         self.renderer = PromptRenderer(self.loaded.tokenizer, spec.chat)
         self.model = modeling.attach_lora(self.loaded, spec.lora)
+        self.adapter = ADAPTER_NAME  # the active LoRA adapter (one per shape; see slmcl.models.checkpoints)
+        self._adapter_for_spec = {json.dumps(dataclasses.asdict(spec.lora), sort_keys=True): ADAPTER_NAME}
+        # A merged checkpoint (OSF) in place of the adapter: the base weights it changes, by resident name.
+        self._overrides: dict[str, torch.Tensor] | None = None
+        self._dense: Any = None  # the plain model a merged stage just trained (saved as its checkpoint)
+        self._n_stages: int | None = None  # of the run ``start_run`` began (O-LoRA sizes its adapter by it)
         self.forward_passes = 0  # stability forwards, counted so tests can hold us to one per row
         self._reference: ReferenceSet | None = None
         self._base_logp: torch.Tensor | None = None
@@ -94,22 +112,107 @@ class Engine:
         self.spec = spec
         self.renderer = PromptRenderer(self.loaded.tokenizer, spec.chat)
 
-    # -- adapter state ------------------------------------------------------------------
+    # -- the checkpoint the engine holds -------------------------------------------------
+    def _select_adapter(self, name: str) -> None:
+        """Make ``name`` the active adapter; only its weights may train."""
+        if self.adapter != name:
+            self.model.set_adapter(name)
+            self.adapter = name
+        for pname, param in self.model.named_parameters():
+            if ".lora_" in pname:
+                param.requires_grad_(f".{name}." in pname)
+
+    def _adapter_for(self, lora: LoraSpec) -> str:
+        """The resident adapter of this shape, added on first use."""
+        key = json.dumps(dataclasses.asdict(lora), sort_keys=True)
+        name = self._adapter_for_spec.get(key)
+        if name is None:
+            name = f"shape{len(self.model.peft_config)}"
+            add_lora(self.model, name, lora_config(lora))
+            self._adapter_for_spec[key] = name
+        return name
+
+    def _adapter_for_folder(self, folder: Path) -> str:
+        """The resident adapter a checkpoint folder's weights fit (by PEFT's resolved config), added if none."""
+        from peft import LoraConfig
+
+        config = LoraConfig.from_pretrained(str(folder))
+        wanted = shape_signature(config)
+        for name, have in self.model.peft_config.items():
+            if shape_signature(have) == wanted:
+                return str(name)
+        name = f"shape{len(self.model.peft_config)}"
+        config.inference_mode = False
+        add_lora(self.model, name, config)
+        return name
+
+    def start_run(self, seed: int, strategy: StrategySpec | None = None, n_stages: int = 1) -> None:
+        """A new run of ``strategy``: the adapter shape it trains, with fresh weights deterministic in the seed."""
+        entry = strategy or self.spec.strategy
+        impl = get_strategy(entry.name, entry.options)
+        self._overrides, self._dense, self._n_stages = None, None, n_stages
+        lora = self.spec.lora if impl.checkpoint == "merged" else impl.adapter_lora(self.spec.lora, n_stages)
+        self._select_adapter(self._adapter_for(lora))
+        modeling.reset_lora(self.model, seed, self.adapter)
+
     def reset_adapter(self, seed: int) -> None:
-        modeling.reset_lora(self.model, seed)
+        self.start_run(seed)
 
-    def load_adapter(self, adapter_dir: str | Path) -> StrategyState:
-        """Swap a checkpoint's weights in; return the strategy state saved beside them (empty if none)."""
-        load_adapter_weights(self.model, adapter_dir)
-        return StrategyState.load(adapter_dir, device=self.loaded.device)
+    def load_checkpoint(self, folder: str | Path) -> StrategyState:
+        """Hold a checkpoint of either format; return the strategy state saved beside it (empty if none)."""
+        folder = Path(folder)
+        if checkpoint_format(folder) == MERGED_FORMAT:
+            self._overrides = read_merged_overrides(folder, self.loaded.model)
+        else:
+            self._overrides = None
+            self._select_adapter(self._adapter_for_folder(folder))
+            load_adapter_weights(self.model, folder, self.adapter)
+        self._dense = None
+        return StrategyState.load(folder, device=self.loaded.device)
 
-    def save_adapter(self, out_dir: str | Path, strategy_state: StrategyState | None = None) -> Path:
-        """Save the adapter, and the stage's strategy state beside it, as one atomic folder."""
-        if strategy_state is None:
-            return save_peft_adapter(self.model, out_dir)
-        state = strategy_state if strategy_state.strategy else StrategyState(
-            meta=strategy_state.meta, tensors=strategy_state.tensors, strategy=self.spec.strategy.name)
-        return save_peft_adapter(self.model, out_dir, extra=state.save)
+    load_adapter = load_checkpoint  # the name callers knew when every checkpoint was an adapter
+
+    def save_checkpoint(self, out_dir: str | Path, strategy_state: StrategyState | None = None) -> Path:
+        """Save what the last stage trained (adapter, or merged model) and its strategy state, atomically."""
+        extra = None
+        if strategy_state is not None:
+            state = strategy_state if strategy_state.strategy else StrategyState(
+                meta=strategy_state.meta, tensors=strategy_state.tensors, strategy=self.spec.strategy.name)
+            extra = state.save
+        if self._dense is not None:
+            return save_merged(self._dense, self.loaded.tokenizer, out_dir, extra=extra)
+        return save_peft_adapter(self.model, out_dir, extra=extra, adapter=self.adapter)
+
+    save_adapter = save_checkpoint
+
+    def _plain_copy(self) -> Any:
+        """A private plain model (no LoRA layers) holding the current checkpoint's weights: what a merged
+        strategy trains. The resident base is never written. It is fp32 whatever the resident dtype: a
+        merged method's checkpoint *is* its weights, and merging a stage's small update into bf16 rounds
+        most of it away (measured for OSF on SmolLM2: 86 % of the entries' updates vanished)."""
+        import copy
+
+        plain = copy.deepcopy(self.model).unload().float()
+        if self._overrides:
+            names = {v: k for k, v in base_parameter_names(self.loaded.model).items()}
+            params = dict(plain.named_parameters())
+            with torch.no_grad():
+                for resident_name, tensor in self._overrides.items():
+                    params[names[resident_name]].copy_(tensor)
+        return plain
+
+    @contextlib.contextmanager
+    def _checkpoint_model(self, *, merge_adapter: bool) -> Iterator[Any]:
+        """The model as the held checkpoint computes: a merged checkpoint's weights swapped into the base with
+        the adapter bypassed, or the adapter (folded into the weights for generation when ``merge_adapter``)."""
+        if self._overrides is not None:
+            with swapped_weights(self.loaded.model, self._overrides), self.model.disable_adapter():
+                yield self.model
+        elif merge_adapter:
+            with modeling.merged_adapter(self.model) as model:
+                yield model
+        else:
+            yield self.model
 
     @contextlib.contextmanager
     def base_model(self) -> Iterator[Any]:
@@ -128,34 +231,59 @@ class Engine:
         previous_tasks: list[str],
         strategy_state: StrategyState | None = None,
         on_step: Callable[[dict[str, Any]], None] | None = None,
+        n_stages: int | None = None,
+        strategy: StrategySpec | None = None,
     ) -> StageTrainResult:
         """Train one stage; ``strategy_state`` is what the previous stage exported (from its checkpoint
         folder on resume), and the result's ``strategy_state`` is what the next stage needs."""
         spec = self.spec
+        entry = strategy or spec.strategy
         state = StrategyState() if strategy_state is None else strategy_state.copy()
-        if state.strategy and state.strategy != spec.strategy.name:
-            raise SpecError(f"strategy.name: {spec.strategy.name!r}, but the previous stage's state was "
+        if state.strategy and state.strategy != entry.name:
+            raise SpecError(f"strategy.name: {entry.name!r}, but the previous stage's state was "
                             f"written by strategy {state.strategy!r}")
         examples = load_examples(task.train_file, limit=spec.training.max_examples)
-        strategy = get_strategy(spec.strategy.name, spec.strategy.options)  # SpecError naming the option
+        impl = get_strategy(entry.name, entry.options)  # SpecError naming the option
         ctx = StageContext(
             model=self.model, run_id=run_id, seed=seed, stage=stage, task=task.name,
-            previous_tasks=previous_tasks, options=spec.strategy.options, state=state,
+            previous_tasks=previous_tasks, options=entry.options, state=state,
+            n_stages=n_stages or self._n_stages or len(previous_tasks) + 1,
+            task_examples=self.task_examples, encode=self.encode,
         )
-        examples = list(strategy.stage_examples(ctx, examples))
-        sft = [
-            build_sft_example(self.loaded.tokenizer, self.renderer, task, ex, spec.training.max_length)
-            for ex in examples
-        ]
+        examples = list(impl.stage_examples(ctx, examples))
+        sft = [self._sft(ex, task) for ex in examples]
         s = stage_seed(seed, stage)
-        torch.manual_seed(s)  # LoRA dropout draws
+        torch.manual_seed(s)  # LoRA dropout draws (and a strategy's own random initialisation)
         generator = torch.Generator().manual_seed(s)  # the shuffle
+        merged = impl.checkpoint == "merged"
+        if merged:  # the method changes base weights: train a private copy, never the resident base
+            ctx.model = impl.stage_model(ctx, self._plain_copy())
         result = train_stage(
-            self.model, sft, spec.training, strategy, ctx,
+            ctx.model, sft, spec.training, impl, ctx,
             pad_id=self.loaded.pad_token_id, device=self.loaded.device, generator=generator, on_step=on_step,
         )
-        result.strategy_state.strategy = spec.strategy.name
+        if merged:
+            self._dense = impl.merged_model(ctx, ctx.model)
+            self._dense.eval()
+            self._overrides = dense_overrides(self._dense, self.loaded.model)
+            ctx.model = None
+        result.strategy_state.strategy = entry.name
         return result
+
+    def task_examples(self, name: str) -> list[Example]:
+        """A task's training rows as a stage trains them (``training.max_examples``), tagged with the task."""
+        task = self.spec.task(name)
+        rows = load_examples(task.train_file, limit=self.spec.training.max_examples)
+        return [dataclasses.replace(r, task_name=task.name) for r in rows]
+
+    def _sft(self, example: Example, default: TaskSpec) -> SFTExample:
+        """A row as training input, rendered with its own task's instruction (replayed rows keep theirs)."""
+        task = self.spec.task(example.task_name) if example.task_name else default
+        return build_sft_example(self.loaded.tokenizer, self.renderer, task, example, self.spec.training.max_length)
+
+    def encode(self, rows: Sequence[Example]) -> list[list[int]]:
+        """Rows as the token ids a stage trains on (prompt + target); rows need ``task_name``."""
+        return [self._sft(r, self.spec.task(r.task_name)).input_ids for r in rows]
 
     # -- evaluation ---------------------------------------------------------------------
     def test_examples(self, task: TaskSpec) -> list[Example]:
@@ -187,7 +315,7 @@ class Engine:
     def _evaluate(self, work: list[tuple[TaskSpec, list[Example]]], *, base: bool,
                   on_progress: Callable[[str, int, int], None] | None) -> list[TaskEvaluation]:
         ev = self.spec.evaluation
-        ctx = self.base_model() if base else modeling.merged_adapter(self.model)
+        ctx = self.base_model() if base else self._checkpoint_model(merge_adapter=True)
         with ctx as model:
             return evaluate_tasks(model, self.loaded, self.renderer, work, max_new_tokens=ev.max_new_tokens,
                                   batch_size=ev.batch_size, on_progress=on_progress)
@@ -274,7 +402,8 @@ class Engine:
         if base:
             return self.base_drift_rows(store, p0_cache)
         base_logp = self.base_logprobs(store, p0_cache)
-        return drift_rows(self._logprobs(self.model), base_logp)
+        with self._checkpoint_model(merge_adapter=False) as model:
+            return drift_rows(self._logprobs(model), base_logp)
 
     def stability(self, store: ArtifactStore | None = None, *, base: bool = False) -> StabilitySummary:
         """Drift of the current adapter (or of the base itself: KL 0) from the base, summarized."""

@@ -28,11 +28,10 @@ ADAPTER_NAME = "default"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
-def attach_lora(loaded: LoadedModel, lora: LoraSpec) -> Any:
-    """Wrap the base model with a LoRA adapter; the base stays shared and frozen."""
-    from peft import LoraConfig, get_peft_model
+def lora_config(lora: LoraSpec) -> Any:
+    from peft import LoraConfig
 
-    config = LoraConfig(
+    return LoraConfig(
         r=lora.rank,
         lora_alpha=lora.alpha,  # type: ignore[arg-type]  # annotated int, used as a float (alpha / r)
         lora_dropout=lora.dropout,
@@ -40,20 +39,33 @@ def attach_lora(loaded: LoadedModel, lora: LoraSpec) -> Any:
         target_modules=lora.target_modules,
         task_type="CAUSAL_LM",
     )
-    peft_model = get_peft_model(loaded.model, config)
+
+
+def attach_lora(loaded: LoadedModel, lora: LoraSpec) -> Any:
+    """Wrap the base model with a LoRA adapter; the base stays shared and frozen."""
+    from peft import get_peft_model
+
+    peft_model = get_peft_model(loaded.model, lora_config(lora))
     install_lora_dropout(peft_model)
     peft_model.eval()
     return peft_model
 
 
-def reset_lora(peft_model: Any, seed: int) -> None:
+def add_lora(peft_model: Any, name: str, config: Any) -> None:
+    """Another adapter beside the first (another shape), inactive until selected."""
+    peft_model.add_adapter(name, config)
+    install_lora_dropout(peft_model)
+    peft_model.eval()
+
+
+def reset_lora(peft_model: Any, seed: int, adapter: str = ADAPTER_NAME) -> None:
     """Fresh LoRA weights for a new run, deterministic in the seed (no base reload)."""
     from peft.tuners.lora import LoraLayer
 
     torch.manual_seed(seed)
     for module in peft_model.modules():
-        if isinstance(module, LoraLayer) and ADAPTER_NAME in module.lora_A:
-            module.reset_lora_parameters(ADAPTER_NAME, init_lora_weights=True)
+        if isinstance(module, LoraLayer) and adapter in module.lora_A:
+            module.reset_lora_parameters(adapter, init_lora_weights=True)
 
 
 def adapter_state(peft_model: Any) -> dict[str, torch.Tensor]:
@@ -62,7 +74,7 @@ def adapter_state(peft_model: Any) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in get_peft_model_state_dict(peft_model).items()}
 
 
-def load_adapter_weights(peft_model: Any, adapter_dir: str | Path) -> None:
+def load_adapter_weights(peft_model: Any, adapter_dir: str | Path, adapter: str = ADAPTER_NAME) -> None:
     """Swap a saved adapter's weights into the resident model (same LoRA shape required)."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
@@ -71,13 +83,14 @@ def load_adapter_weights(peft_model: Any, adapter_dir: str | Path) -> None:
     if not path.is_file():
         raise ModelError(f"adapter not found: {path}")
     state = load_file(str(path), device=str(next(peft_model.parameters()).device))
-    result = set_peft_model_state_dict(peft_model, state)
+    result = set_peft_model_state_dict(peft_model, state, adapter_name=adapter)
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
         raise ModelError(f"adapter {adapter_dir}: weights that fit no LoRA layer: {unexpected[:3]}")
 
 
-def save_adapter(peft_model: Any, out_dir: str | Path, extra: Callable[[Path], None] | None = None) -> Path:
+def save_adapter(peft_model: Any, out_dir: str | Path, extra: Callable[[Path], None] | None = None,
+                 adapter: str = ADAPTER_NAME) -> Path:
     """Save in PEFT format (adapter_config.json + adapter_model.safetensors), atomically.
 
     ``extra`` writes more files into the folder before it is renamed into place (a
@@ -87,7 +100,11 @@ def save_adapter(peft_model: Any, out_dir: str | Path, extra: Callable[[Path], N
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
     try:
-        peft_model.save_pretrained(str(tmp))
+        peft_model.save_pretrained(str(tmp), selected_adapters=[adapter])
+        if adapter != ADAPTER_NAME:  # PEFT writes a named adapter into a subfolder of that name
+            for f in (tmp / adapter).iterdir():
+                f.rename(tmp / f.name)
+            (tmp / adapter).rmdir()
         if extra is not None:
             extra(tmp)
         if out.exists():

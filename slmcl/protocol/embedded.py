@@ -22,6 +22,7 @@ from slmcl.protocol import layout
 from slmcl.protocol.drift import DriftRows
 from slmcl.protocol.events import Event, ProgressCallback
 from slmcl.protocol.records import TrainedStage
+from slmcl.protocol.runs import RunPlan, plan_runs
 from slmcl.protocol.stages import (
     BaseEvalCache,
     EvalProgress,
@@ -213,14 +214,15 @@ class ExperimentRunner:
         self.preflight()
         tree.write_spec(spec)
         mark_results(tree, data)
-        runs = [(order, seed) for order in spec.orders for seed in spec.seeds]
+        runs = plan_runs(spec)
         done = tree.committed()
-        finished = sum(1 for o, s in runs for k in range(1, len(o) + 1) if (layout.run_id(o, s), k) in done)
-        self.progress(Event("experiment_started", data={"runs": len(runs), "stages": sum(len(o) for o, _ in runs),
-                                                        "stages_done": finished, "output_dir": spec.output_dir}))
+        finished = sum(1 for r in runs for k in range(1, len(r.order) + 1) if (r.run_id, k) in done)
+        self.progress(Event("experiment_started", data={
+            "runs": len(runs), "stages": sum(len(r.order) for r in runs), "stages_done": finished,
+            "output_dir": spec.output_dir}))
         try:
-            for order, seed in runs:
-                self._run(order, seed, done)
+            for run in runs:
+                self._run(run, done)
         finally:
             if self._evaluator is not None:
                 self._evaluator.close()
@@ -233,12 +235,12 @@ class ExperimentRunner:
             self.progress(Event("eval_progress", rid, stage, task, {"done": done, "total": total}))
         return cb
 
-    def _run(self, order: list[str], seed: int, done: set[tuple[str, int]]) -> None:
-        spec, rid = self.spec, layout.run_id(order, seed)
+    def _run(self, run: RunPlan, done: set[tuple[str, int]]) -> None:
+        spec, rid, order, seed = self.spec, run.run_id, list(run.order), run.seed
         if all((rid, k) in done for k in range(0, len(order) + 1)):
             self.progress(Event("run_done", rid, data={"skipped": True}))
             return
-        self.progress(Event("run_started", rid, data={"order": order, "seed": seed}))
+        self.progress(Event("run_started", rid, data={"order": order, "seed": seed, "strategy": run.strategy}))
         if base_runs_missing(self.tree, spec):
             commit_base(self.tree, spec, measure(self.evaluator, None, spec.tasks, self._eval_progress("", 0)))
         stage_t0: dict[int, float] = {}
@@ -266,7 +268,7 @@ class ExperimentRunner:
                 "scores": m.scores, "stability": m.stability, "train_seconds": trained.train.get("seconds"),
                 "seconds": time.perf_counter() - t0, "final_loss": trained.final_loss}))
 
-        train_run(self.engine, self.tree, spec, order, seed,
+        train_run(self.engine, self.tree, spec, order, seed, strategy=run.strategy,
                   hooks=RunHooks(on_stage_start=on_stage_start, on_step=on_step, on_trained=on_trained))
         self.progress(Event("run_done", rid))
 

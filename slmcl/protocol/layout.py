@@ -9,11 +9,12 @@ writer builds keys with these functions, so a layout change is one edit here.
     spec.json, spec.yaml                       the resolved spec (services: dataset paths are store: keys)
     .slmcl-results, data.json                  slmcl run: the marker of a results directory; the data files' hashes
     experiment.json                            services: id, name, client request id, created_at
-    checkpoints/<run_id>/step-<k>/             PEFT adapter (+ strategy_state.{json,safetensors})
+    checkpoints/<run_id>/step-<k>/             PEFT adapter, or a merged model folder (OSF); + strategy_state.*
     runs/<run_id>/trained-<k>.json             training record of stage k (losses, tokens, seconds)
     runs/<run_id>/stage-<k>.json               committed stage record (scores + drift): the commit point
     predictions/<run_id>/step-<k>/<task>.jsonl per-example predictions (run "base", step 0: the base model)
-    scores.csv, stability.csv, train_loss.csv, summary.json   tables rebuilt from the stage records
+    scores.csv, stability.csv, train_loss.csv, summary.json,
+    comparison.csv, comparison.md              tables rebuilt from the stage records
 
 Store-wide (outside any experiment): ``datasets/<sha256>.json`` (content-addressed uploads) and
 ``cache/`` (base evaluations and base distributions, keyed by what they depend on).
@@ -30,17 +31,26 @@ RESULTS_MARKER = ".slmcl-results"
 DATA_JSON = "data.json"  # sha256, rows and bytes of every data file the results were made from (checked on resume)
 SPEC_YAML = "spec.yaml"
 EXPERIMENT_JSON = "experiment.json"
-TABLES = ("scores.csv", "stability.csv", "train_loss.csv", "summary.json")
+TABLES = ("scores.csv", "stability.csv", "train_loss.csv", "summary.json", "comparison.csv", "comparison.md")
 BASE_RUN = "base"  # the predictions of step 0 are the base model's, shared by every run
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # a checkpoint is complete when both exist
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # a LoRA checkpoint is complete when both exist
+MERGED_FILES = ("config.json", "model.safetensors")  # a merged-model checkpoint (OSF) is complete when both exist
+DEFAULT_STRATEGY = "lora"  # the study's method: its run ids carry no strategy label
+
+
+def checkpoint_complete(names: set[str] | frozenset[str]) -> bool:
+    """Whether a checkpoint folder's file names (relative to it) make a complete checkpoint of either format."""
+    return all(f in names for f in ADAPTER_FILES) or all(f in names for f in MERGED_FILES)
 
 
 def order_id(order: Sequence[str]) -> str:
     return ".".join(order)  # '.' never appears in a task name (the spec refuses it)
 
 
-def run_id(order: Sequence[str], seed: int) -> str:
-    return f"{order_id(order)}-s{seed}"
+def run_id(order: Sequence[str], seed: int, strategy: str = DEFAULT_STRATEGY) -> str:
+    """``<order>-s<seed>`` for the study's method, ``<order>-s<seed>-<label>`` for any other strategy entry."""
+    base = f"{order_id(order)}-s{seed}"
+    return base if strategy == DEFAULT_STRATEGY else f"{base}-{strategy}"
 
 
 def stage_key(rid: str, step: int) -> str:

@@ -28,6 +28,7 @@ class TrainedStage:
     task: str
     checkpoint: str
     train: dict[str, Any] = field(default_factory=dict)  # steps (loss, lr, tokens, seconds), examples, tokens, seconds
+    strategy: str = "lora"  # the label of the run's strategies entry
 
     def to_json(self) -> str:
         return _dump(asdict(self))
@@ -36,7 +37,7 @@ class TrainedStage:
     def from_json(cls, text: str | bytes) -> TrainedStage:
         raw = json.loads(text)
         return cls(**{k: raw[k] for k in ("run_id", "order", "seed", "step", "task", "checkpoint")},
-                   train=raw.get("train", {}))
+                   train=raw.get("train", {}), strategy=raw.get("strategy", "lora"))
 
     @property
     def final_loss(self) -> float | None:
@@ -59,6 +60,10 @@ class StageRecord:
     train: dict[str, Any] = field(default_factory=dict)  # losses per optimizer step, tokens, seconds
     checkpoint: str = ""  # store prefix of the adapter
     timing: dict[str, float] = field(default_factory=dict)  # train/eval/stability seconds (benchmarks read it)
+    strategy: str = "lora"  # the label of the run's strategies entry (records made before strategies: lora)
+    # The checkpoint's size in bytes and the strategy's trainable parameters (the comparison table reads them).
+    checkpoint_bytes: int = 0
+    trainable_params: int = 0
 
     def to_json(self) -> str:
         return _dump(asdict(self))

@@ -18,12 +18,12 @@ def read_stages(store: ArtifactStore, rid: str | None = None) -> list[StageRecor
     """Every committed stage record (of one run, or all), in (order, seed, step) order."""
     keys = [k for k in store.list_keys(layout.runs_prefix(rid)) if layout.is_stage_key(k)]
     recs = [StageRecord.from_json(store.get_bytes(k)) for k in keys]
-    return sorted(recs, key=lambda r: (layout.order_id(r.order), r.seed, r.step))
+    return sorted(recs, key=lambda r: (r.strategy, layout.order_id(r.order), r.seed, r.step))
 
 
 @dataclass(frozen=True)
 class Results:
-    """A results directory as objects: per order, the matrix, metrics and stability."""
+    """A results directory as objects: per strategy and order, the matrix, metrics and stability."""
 
     path: Path
     records: list[StageRecord]
@@ -33,17 +33,25 @@ class Results:
     def orders(self) -> list[list[str]]:
         return [o["order"] for o in self.summary["orders"]]
 
-    def matrix(self, order: Sequence[str] | None = None) -> dict[int, dict[str, float]]:
-        return {int(k): v for k, v in self._order(order)["matrix_mean"].items()}
+    @property
+    def comparison(self) -> list[dict[str, Any]]:
+        """Per model and strategy: final metrics, drift and cost, mean ± std over runs (comparison.csv)."""
+        return list(self.summary.get("comparison", []))
 
-    def metrics(self, order: Sequence[str] | None = None) -> list[dict[str, Any]]:
-        return self._order(order)["metrics"]
+    def matrix(self, order: Sequence[str] | None = None, strategy: str | None = None) -> dict[int, dict[str, float]]:
+        return {int(k): v for k, v in self._order(order, strategy)["matrix_mean"].items()}
 
-    def stability(self, order: Sequence[str] | None = None) -> dict[int, dict[str, float | None]]:
-        return {int(k): v for k, v in self._order(order)["stability_mean"].items()}
+    def metrics(self, order: Sequence[str] | None = None, strategy: str | None = None) -> list[dict[str, Any]]:
+        return self._order(order, strategy)["metrics"]
 
-    def _order(self, order: Sequence[str] | None) -> dict[str, Any]:
-        entries = self.summary["orders"]
+    def stability(self, order: Sequence[str] | None = None,
+                  strategy: str | None = None) -> dict[int, dict[str, float | None]]:
+        return {int(k): v for k, v in self._order(order, strategy)["stability_mean"].items()}
+
+    def _order(self, order: Sequence[str] | None, strategy: str | None = None) -> dict[str, Any]:
+        entries = [e for e in self.summary["orders"] if strategy is None or e.get("strategy") == strategy]
+        if not entries:
+            raise NotFoundError(f"no results for strategy {strategy!r} in {self.path}")
         if order is None:
             return entries[0]
         for e in entries:

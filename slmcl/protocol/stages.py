@@ -35,6 +35,7 @@ from slmcl.protocol import layout
 from slmcl.protocol.drift import DriftRows, summarize_drift
 from slmcl.protocol.records import StageRecord, TrainedStage
 from slmcl.protocol.results import read_stages
+from slmcl.protocol.runs import plan_runs
 from slmcl.protocol.tables import write_tables
 from slmcl.storage.local import ArtifactStore, LocalStore, get_dir, put_dir
 
@@ -85,7 +86,8 @@ class ResultsTree:
         for k in range(n_stages, 0, -1):
             prefix = layout.checkpoint_prefix(rid, k)
             recorded = layout.trained_key(rid, k) in run_keys or layout.stage_key(rid, k) in run_keys
-            if recorded and all(f"{prefix}/{f}" in ckpt_keys for f in layout.ADAPTER_FILES):
+            names = {key[len(prefix) + 1:] for key in ckpt_keys if key.startswith(prefix + "/")}
+            if recorded and layout.checkpoint_complete(names):
                 return k
         return 0
 
@@ -99,7 +101,8 @@ class ResultsTree:
 
     def local_checkpoint(self, prefix: str, scratch: Path) -> Path:
         """A local folder holding the checkpoint: the store's own folder when it is local, else a download."""
-        if isinstance(self.store, LocalStore) and self.store.path(f"{prefix}/{layout.ADAPTER_FILES[0]}").is_file():
+        if isinstance(self.store, LocalStore) and layout.checkpoint_complete(
+                {p.name for p in self.store.path(prefix).glob("*")}):
             return self.store.path(prefix)
         return get_dir(self.store, prefix, scratch / prefix.replace("/", "_"))
 
@@ -216,16 +219,16 @@ def commit_base(tree: ResultsTree, spec: ExperimentSpec, m: Measurement) -> list
     """Stage 0 of every run (shared base measurement); returns the run ids it committed."""
     committed = []
     first = True
-    for order in spec.orders:
-        for seed in spec.seeds:
-            rid = layout.run_id(order, seed)
-            if tree.is_committed(rid, 0):
-                continue
-            rec = StageRecord(rid, list(order), seed, 0, "base", spec.model.name, m.scores, m.stability,
-                              timing={"eval_seconds": m.eval_seconds, "stability_seconds": m.stability_seconds})
-            tree.commit(rec, m.predictions if first else {}, pred_run=layout.BASE_RUN)
-            first = False
-            committed.append(rid)
+    for run in plan_runs(spec):
+        rid = run.run_id
+        if tree.is_committed(rid, 0):
+            continue
+        rec = StageRecord(rid, list(run.order), run.seed, 0, "base", spec.model.name, m.scores, m.stability,
+                          timing={"eval_seconds": m.eval_seconds, "stability_seconds": m.stability_seconds},
+                          strategy=run.strategy)
+        tree.commit(rec, m.predictions if first else {}, pred_run=layout.BASE_RUN)
+        first = False
+        committed.append(rid)
     return committed
 
 
@@ -235,17 +238,19 @@ def commit_stage(tree: ResultsTree, spec: ExperimentSpec, trained: TrainedStage,
         m.scores, m.stability, train=trained.train, checkpoint=trained.checkpoint,
         timing={"train_seconds": float(trained.train.get("seconds", 0.0)), "eval_seconds": m.eval_seconds,
                 "stability_seconds": m.stability_seconds},
+        strategy=trained.strategy, checkpoint_bytes=int(trained.train.get("checkpoint_bytes", 0)),
+        trainable_params=int(trained.train.get("trainable_params", 0)),
     )
     tree.commit(rec, m.predictions)
     return rec
 
 
 def base_runs_missing(tree: ResultsTree, spec: ExperimentSpec) -> bool:
-    return any(not tree.is_committed(layout.run_id(o, s), 0) for o in spec.orders for s in spec.seeds)
+    return any(not tree.is_committed(run.run_id, 0) for run in plan_runs(spec))
 
 
 def expected_records(spec: ExperimentSpec) -> int:
-    return sum(len(o) + 1 for o in spec.orders) * len(spec.seeds)
+    return sum(len(run.order) + 1 for run in plan_runs(spec))
 
 
 # ---------------------------------------------------------------------------------------
@@ -265,7 +270,8 @@ class RunHooks:
 
 
 def train_run(engine: Engine, tree: ResultsTree, spec: ExperimentSpec, order: Sequence[str], seed: int, *,
-              hooks: RunHooks | None = None, scratch: Path | None = None) -> list[int]:
+              strategy: str = layout.DEFAULT_STRATEGY, hooks: RunHooks | None = None,
+              scratch: Path | None = None) -> list[int]:
     """Train the stages of run (order, seed) that are not trained yet; returns the steps trained now.
 
     Resumes after the last trained stage from its checkpoint and strategy state, exactly as if never
@@ -273,7 +279,8 @@ def train_run(engine: Engine, tree: ResultsTree, spec: ExperimentSpec, order: Se
     """
     hooks = hooks or RunHooks()
     order = list(order)
-    rid = layout.run_id(order, seed)
+    rid = layout.run_id(order, seed, strategy)
+    entry = spec.strategy_entry(strategy)
     done = tree.last_trained(rid, len(order))
     for k in range(1, done + 1):
         hooks.on_trained(tree.read_trained(rid, k), True)
@@ -281,8 +288,10 @@ def train_run(engine: Engine, tree: ResultsTree, spec: ExperimentSpec, order: Se
         return []
     tmp = Path(tempfile.mkdtemp(dir=scratch, prefix=f"train-{rid}-"))
     try:
-        engine.reset_adapter(seed)
-        state = engine.load_adapter(tree.local_checkpoint(layout.checkpoint_prefix(rid, done), tmp)) if done else None
+        engine.start_run(seed, entry, n_stages=len(order))
+        state = None
+        if done:
+            state = engine.load_checkpoint(tree.local_checkpoint(layout.checkpoint_prefix(rid, done), tmp))
         trained_now = []
         for step in range(done + 1, len(order) + 1):
             hooks.check_stop()
@@ -293,15 +302,18 @@ def train_run(engine: Engine, tree: ResultsTree, spec: ExperimentSpec, order: Se
                 hooks.on_step(_s, info)
 
             result = engine.train(run_id=rid, seed=seed, stage=step, task=spec.task(task_name),
-                                  previous_tasks=order[: step - 1], strategy_state=state, on_step=on_step)
+                                  previous_tasks=order[: step - 1], strategy_state=state, on_step=on_step,
+                                  n_stages=len(order), strategy=entry)
             state = result.strategy_state
             local = (tree.store.path(layout.checkpoint_prefix(rid, step)) if isinstance(tree.store, LocalStore)
                      else tmp / f"step-{step}")
-            engine.save_adapter(local, strategy_state=state)
+            engine.save_checkpoint(local, strategy_state=state)
+            size = sum(f.stat().st_size for f in Path(local).rglob("*") if f.is_file())
             prefix = tree.save_checkpoint(rid, step, local)
             trained = TrainedStage(rid, order, seed, step, task_name, prefix, train={
                 "steps": [s.__dict__ for s in result.steps], "examples": result.examples, "tokens": result.tokens,
-                "padded_fraction": result.padded_fraction, "seconds": result.seconds})
+                "padded_fraction": result.padded_fraction, "seconds": result.seconds,
+                "trainable_params": result.trainable_params, "checkpoint_bytes": size}, strategy=strategy)
             tree.write_trained(trained)
             trained_now.append(step)
             hooks.on_trained(trained, False)

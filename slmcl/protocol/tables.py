@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from slmcl import metrics as mx
+from slmcl.metrics.seeds import mean_std
 from slmcl.protocol.layout import order_id
 from slmcl.protocol.records import StageRecord
 from slmcl.storage.local import ArtifactStore
@@ -24,13 +25,22 @@ STAT_NAMES = ("kl_to_base", "entropy", "margin")
 SUMMARIES = ("mean", "p10", "p95")
 
 SCORES_COLUMNS = ["seed", "step", "checkpoint_task", "eval_task", "eval_task_name", "accuracy", "correct", "total",
-                  "order", "model"]
+                  "order", "model", "strategy"]
 STABILITY_COLUMNS = (
     ["seed", "step", "checkpoint_task", "num_reference_examples"]
     + [f"{n}_{s}" for n in STAT_NAMES for s in SUMMARIES]
-    + ["entropy_delta_mean", "margin_delta_mean", "order", "model"]
+    + ["entropy_delta_mean", "margin_delta_mean", "order", "model", "strategy"]
 )
-TRAIN_LOSS_COLUMNS = ["order", "seed", "step", "checkpoint_task", "optimizer_step", "loss", "lr", "tokens", "seconds"]
+TRAIN_LOSS_COLUMNS = ["order", "seed", "step", "checkpoint_task", "optimizer_step", "loss", "lr", "tokens", "seconds",
+                      "strategy_loss", "strategy"]
+# comparison.csv: one row per (model, strategy), mean and std over its runs (seeds x orders) of each value.
+COMPARISON_VALUES = (
+    ("final_avg_acc", "final avg acc"), ("op", "OP"), ("bwt", "BWT"), ("fwt", "FWT"),
+    ("learning_accuracy", "LA"), ("kl_to_base", "KL to base"), ("entropy_delta", "ΔEntropy"),
+    ("margin_delta", "ΔMargin"), ("trainable_params", "trainable params"), ("seconds_per_stage", "s/stage"),
+    ("checkpoint_mb", "checkpoint MB"),
+)
+COMPARISON_COLUMNS = ["model", "strategy", "runs"] + [c for name, _ in COMPARISON_VALUES for c in (name, f"{name}_std")]
 
 
 def _csv(columns: Sequence[str], rows: Sequence[dict[str, Any]]) -> bytes:
@@ -52,13 +62,13 @@ def score_rows(records: Sequence[StageRecord]) -> list[dict[str, Any]]:
             rows.append({"seed": rec.seed, "step": rec.step, "checkpoint_task": rec.checkpoint_task,
                          "eval_task": task, "eval_task_name": task, "accuracy": s["accuracy"],
                          "correct": s["correct"], "total": s["total"], "order": order_id(rec.order),
-                         "model": rec.model})
+                         "model": rec.model, "strategy": rec.strategy})
     return rows
 
 
 def stability_rows(records: Sequence[StageRecord]) -> list[dict[str, Any]]:
     return [{"seed": r.seed, "step": r.step, "checkpoint_task": r.checkpoint_task, **r.stability,
-             "order": order_id(r.order), "model": r.model} for r in records]
+             "order": order_id(r.order), "model": r.model, "strategy": r.strategy} for r in records]
 
 
 def loss_rows(records: Sequence[StageRecord]) -> list[dict[str, Any]]:
@@ -67,17 +77,18 @@ def loss_rows(records: Sequence[StageRecord]) -> list[dict[str, Any]]:
         for s in r.train.get("steps", []):
             rows.append({"order": order_id(r.order), "seed": r.seed, "step": r.step,
                          "checkpoint_task": r.checkpoint_task, "optimizer_step": s["step"], "loss": s["loss"],
-                         "lr": s["lr"], "tokens": s["tokens"], "seconds": round(s["seconds"], 4)})
+                         "lr": s["lr"], "tokens": s["tokens"], "seconds": round(s["seconds"], 4),
+                         "strategy_loss": s.get("strategy_loss"), "strategy": r.strategy})
     return rows
 
 
 def summarize(records: Sequence[StageRecord]) -> dict[str, Any]:
-    """summary.json: per order, the mean matrix, CL metrics (mean ± std over seeds) and stability."""
-    out: dict[str, Any] = {"orders": []}
-    by_order: dict[str, list[StageRecord]] = {}
+    """summary.json: per strategy and order, the mean matrix, CL metrics (mean ± std over seeds) and stability."""
+    out: dict[str, Any] = {"orders": [], "comparison": comparison_rows(records)}
+    by_order: dict[tuple[str, str], list[StageRecord]] = {}
     for r in records:
-        by_order.setdefault(order_id(r.order), []).append(r)
-    for oid, recs in by_order.items():
+        by_order.setdefault((r.strategy, order_id(r.order)), []).append(r)
+    for (strategy, oid), recs in by_order.items():
         order = recs[0].order
         rows = [mx.ScoreRow(seed=x["seed"], step=x["step"], checkpoint_task=x["checkpoint_task"],
                             eval_task=x["eval_task"], accuracy=x["accuracy"], order=oid, model=x["model"])
@@ -90,6 +101,7 @@ def summarize(records: Sequence[StageRecord]) -> dict[str, Any]:
             vals = [r.stability for r in recs if r.step == step]
             stab[step] = {k: _mean([v.get(k) for v in vals]) for k in vals[0] if k != "num_reference_examples"}
         out["orders"].append({
+            "strategy": strategy,
             "order": order,
             "seeds": sorted(per_seed),
             "matrix_mean": {str(k): v for k, v in mean.items()},
@@ -105,7 +117,74 @@ def _mean(values: Sequence[Any]) -> float | None:
     return sum(vals) / len(vals) if vals else None
 
 
+def _final_values(recs: Sequence[StageRecord]) -> dict[str, float | None]:
+    """One run's row of the comparison: its last checkpoint's metrics and drift, its cost."""
+    order = recs[0].order
+    matrix = {r.step: {t: s["accuracy"] for t, s in r.scores.items()} for r in recs}
+    last = max(recs, key=lambda r: r.step)
+    metrics = mx.step_metrics(matrix, order)[-1] if last.step == len(order) else None
+    trained = [r for r in recs if r.step > 0]
+
+    def metric(name: str) -> float | None:
+        return None if metrics is None else metrics.metric(name)
+
+    return {
+        "final_avg_acc": metric("op"), "op": metric("op"), "bwt": metric("bwt"),
+        "fwt": mx.run_fwt(matrix, order) if metrics else None,
+        "learning_accuracy": metric("learning_accuracy"),
+        "kl_to_base": last.stability.get("kl_to_base_mean") if metrics else None,
+        "entropy_delta": last.stability.get("entropy_delta_mean") if metrics else None,
+        "margin_delta": last.stability.get("margin_delta_mean") if metrics else None,
+        "trainable_params": float(max((r.trainable_params for r in trained), default=0)) or None,
+        "seconds_per_stage": _mean([r.timing.get("train_seconds") for r in trained]),
+        "checkpoint_mb": (last.checkpoint_bytes / 1e6) if last.checkpoint_bytes else None,
+    }
+
+
+def comparison_rows(records: Sequence[StageRecord]) -> list[dict[str, Any]]:
+    """Per model and strategy, mean ± std over its finished runs of the final metrics, drift and cost.
+
+    A run counts once its last stage is committed (FWT and the rest are the final checkpoint's);
+    ``final_avg_acc`` is OP at the last step (every task of the order has been learned).
+    """
+    runs: dict[tuple[str, str], dict[str, list[StageRecord]]] = {}
+    for r in records:
+        runs.setdefault((r.model, r.strategy), {}).setdefault(r.run_id, []).append(r)
+    rows = []
+    for (model, strategy), by_run in runs.items():
+        finals = [_final_values(recs) for recs in by_run.values()]
+        finals = [f for f in finals if f["op"] is not None]
+        row: dict[str, Any] = {"model": model, "strategy": strategy, "runs": len(finals)}
+        for name, _ in COMPARISON_VALUES:
+            vals = [float(v) for f in finals if (v := f[name]) is not None and not math.isnan(float(v))]
+            mean, std = mean_std(vals)
+            row[name], row[f"{name}_std"] = mean, std
+        rows.append(row)
+    return rows
+
+
+def comparison_markdown(rows: Sequence[dict[str, Any]]) -> str:
+    """comparison.md: the comparison as a Markdown table, ``mean ± std`` where there are several runs."""
+    def cell(row: dict[str, Any], name: str) -> str:
+        mean, std = row.get(name), row.get(f"{name}_std")
+        if mean is None:
+            return "—"
+        digits = 0 if name == "trainable_params" else 1 if name in ("seconds_per_stage", "checkpoint_mb") else 3
+        text = f"{mean:,.{digits}f}"
+        return f"{text} ± {std:.{digits}f}" if std is not None else text
+
+    headers = ["model", "strategy", "runs"] + [label for _, label in COMPARISON_VALUES]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for row in rows:
+        lines.append("| " + " | ".join([str(row["model"]), str(row["strategy"]), str(row["runs"])]
+                                        + [cell(row, name) for name, _ in COMPARISON_VALUES]) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def write_tables(store: ArtifactStore, records: Sequence[StageRecord]) -> None:
+    comparison = comparison_rows(records)
+    store.put_bytes("comparison.csv", _csv(COMPARISON_COLUMNS, comparison))
+    store.put_bytes("comparison.md", comparison_markdown(comparison).encode())
     store.put_bytes("scores.csv", _csv(SCORES_COLUMNS, score_rows(records)))
     store.put_bytes("stability.csv", _csv(STABILITY_COLUMNS, stability_rows(records)))
     store.put_bytes("train_loss.csv", _csv(TRAIN_LOSS_COLUMNS, loss_rows(records)))

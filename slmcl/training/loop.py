@@ -88,6 +88,9 @@ class StepRecord:
     tokens: int
     padded_tokens: int
     seconds: float
+    # The strategy's own loss term at this step (O-LoRA's penalty, already times its weight), kept
+    # apart from ``loss`` (the language-model loss, the study's number): they differ by orders of magnitude.
+    strategy_loss: float | None = None
 
 
 @dataclass
@@ -96,6 +99,7 @@ class StageTrainResult:
     examples: int = 0
     seconds: float = 0.0
     strategy_state: StrategyState = field(default_factory=StrategyState)
+    trainable_params: int = 0  # what the optimizer updated (the comparison table reports it)
 
     @property
     def tokens(self) -> int:
@@ -168,15 +172,16 @@ def train_stage(
     on_step: ProgressFn | None = None,
 ) -> StageTrainResult:
     """Train the adapter on one task; raise ``TrainingError`` on a non-finite loss."""
+    strategy.on_stage_start(ctx)  # first: it may add parameters (ProCL's router) or freeze some
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=spec.lr, weight_decay=spec.weight_decay)  # fresh each stage
     ctx.optimizer = optimizer
-    strategy.on_stage_start(ctx)
     plan = plan_steps(len(sft), spec, generator)
     use_keep = _accepts_logits_to_keep(model)
-    result = StageTrainResult(examples=len(sft))
+    result = StageTrainResult(examples=len(sft), trainable_params=strategy.updated_parameters(ctx, trainable))
     model.train()
     t_stage = time.perf_counter()
+    completed = False
     try:
         for step_idx, micro_batches in enumerate(plan, start=1):
             t0 = time.perf_counter()
@@ -199,29 +204,34 @@ def train_stage(
                 tokens += n_tok
                 padded += n_pad
             extra = strategy.extra_loss(ctx)
+            extra_value = None
             if extra is not None:
                 if not torch.isfinite(extra):
                     raise TrainingError(f"run {ctx.run_id} stage {ctx.stage}: strategy loss is {extra.item()}")
                 extra.backward()
+                extra_value = float(extra.item())
             strategy.after_backward(ctx)
             torch.nn.utils.clip_grad_norm_(trainable, spec.max_grad_norm)
             optimizer.step()
             strategy.after_step(ctx)
             # Report the study's number: the mean over micro-batches of each one's mean loss.
             reported = step_loss * spec.grad_accum / len(micro_batches)
-            rec = StepRecord(step_idx, reported, spec.lr, tokens, padded, time.perf_counter() - t0)
+            rec = StepRecord(step_idx, reported, spec.lr, tokens, padded, time.perf_counter() - t0, extra_value)
             result.steps.append(rec)
             if on_step is not None:
                 done = sum(len(mb) for step in plan[:step_idx] for mb in step)
                 elapsed = time.perf_counter() - t_stage
-                on_step({"step": step_idx, "total_steps": len(plan), "loss": reported,
+                on_step({"step": step_idx, "total_steps": len(plan), "loss": reported, "strategy_loss": extra_value,
                          "examples_done": done, "examples_total": len(sft) * spec.epochs,
                          "examples_per_s": done / elapsed if elapsed > 0 else math.nan,
                          "tokens_per_s": sum(s.tokens for s in result.steps) / elapsed if elapsed > 0 else math.nan})
+        completed = True
     finally:
         optimizer.zero_grad(set_to_none=True)
         ctx.optimizer = None
         model.eval()
+        if not completed:  # the resident model is shared: a strategy undoes what it changed (ProCL's wrappers)
+            strategy.on_stage_abort(ctx)
     strategy.on_stage_end(ctx)
     result.strategy_state = strategy.export(ctx)
     result.seconds = time.perf_counter() - t_stage

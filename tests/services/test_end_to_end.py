@@ -231,3 +231,40 @@ def test_experiment_survives_a_monitor_restart(trio: Trio, tiny_model_dir: Path,
     out = client.results(exp.id, tmp_path / "r", include_checkpoints=False)
     keys = [(r["step"], r["eval_task"]) for r in _csv(out / "scores.csv")]
     assert len(keys) == len(set(keys)) == 3 * 2
+
+
+@pytest.mark.slow
+def test_two_strategies_equal_the_embedded_run(shared_trio: Trio, tiny_model_dir: Path, data_dir: Path,
+                                               tmp_path: Path) -> None:
+    """O-LoRA (an adapter of another shape than the spec's) and OSF (merged-model checkpoints) through
+    the trainer, the evaluator replicas and the monitor: the same records as `slmcl run`."""
+    import json
+
+    trio = shared_trio
+    spec = spec_from_dict(tiny_spec_dict(tiny_model_dir, data_dir, tmp_path / "embedded", strategies=["olora", "osf"]))
+    ExperimentRunner(spec).run()
+
+    client = MonitorClient(trio.monitor_address)
+    exp = client.submit(spec)
+    events = _watch_to_end(client, exp.id, trio)
+    assert events[-1].kind == "experiment_done" and events[-1].state == monitor_pb2.SUCCEEDED, trio.tail()
+    runs = sorted({e.stage.run_id for e in events if e.kind == "stage_done"})
+    assert runs == ["fomc.numgluecm-s7-olora", "fomc.numgluecm-s7-osf"]
+
+    out = client.results(exp.id, tmp_path / "service")
+    emb = tmp_path / "embedded"
+
+    def key(r: dict[str, str]) -> tuple:
+        return r["strategy"], r["seed"], r["step"], r["eval_task"]
+
+    assert sorted(_csv(out / "scores.csv"), key=key) == sorted(_csv(emb / "scores.csv"), key=key)
+    stab = {(r["strategy"], r["step"]): r for r in _csv(emb / "stability.csv")}
+    for a in _csv(out / "stability.csv"):
+        b = stab[(a["strategy"], a["step"])]
+        for col in a:
+            if col.startswith(("kl_", "entropy", "margin")):
+                assert float(a[col]) == pytest.approx(float(b[col]), abs=1e-6), col
+    s_sum, e_sum = json.loads((out / "summary.json").read_text()), json.loads((emb / "summary.json").read_text())
+    assert [(o["strategy"], o["metrics"]) for o in s_sum["orders"]] == [
+        (o["strategy"], o["metrics"]) for o in e_sum["orders"]]
+    assert [r["strategy"] for r in _csv(out / "comparison.csv")] == ["olora", "osf"]

@@ -281,7 +281,8 @@ def test_summarize_drift_matches_torch_on_random_data(n: int) -> None:
             assert got[key] == pytest.approx(value, rel=1e-12, abs=1e-12), key
         for key in ("p10", "p95"):  # the quantiles are torch's, bit for bit
             assert got[f"margin_{key}"] == want[f"margin_{key}"]
-    stat_columns = [c for c in STABILITY_COLUMNS if c not in ("seed", "step", "checkpoint_task", "order", "model")]
+    stat_columns = [c for c in STABILITY_COLUMNS
+                    if c not in ("seed", "step", "checkpoint_task", "order", "model", "strategy")]
     assert set(stat_columns) <= set(summarize_drift(ckpt, base))
     assert set(stat_columns) == set(summarize_drift(ckpt, None))
 

@@ -11,6 +11,16 @@ any model is touched, and the name, not code, is what travels between processes.
 Importing this package, listing the names and validating options need no torch (the spec
 does all three): strategy modules import torch inside their methods.
 
+Two checkpoint formats exist, and every checkpoint loads for inference without our code:
+
+- ``adapter`` (default): the stage trains a PEFT LoRA adapter on the frozen resident base; the
+  checkpoint is the adapter folder (``PeftModel.from_pretrained``). ``adapter_lora`` may give
+  the adapter another shape than the spec's ``lora`` (O-LoRA stacks one rank-r pair per task).
+- ``merged``: the method changes the base weights themselves (OSF). The engine hands
+  ``stage_model`` a private copy of the base holding the previous stage's weights, trains what
+  it returns, and saves ``merged_model``'s dense result as a model folder
+  (``AutoModelForCausalLM.from_pretrained``); the resident base is never written.
+
 A strategy's state is saved beside the adapter in the checkpoint folder, as
 ``strategy_state.json`` (the strategy's name and its JSON ``meta``) and, only when it has
 tensors, ``strategy_state.safetensors``; a resumed run reads it back from there. No pickle:
@@ -24,7 +34,7 @@ import difflib
 import json
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
@@ -35,7 +45,10 @@ from slmcl.registry import Registry
 if TYPE_CHECKING:
     import torch
 
+    from slmcl.config.spec import LoraSpec
     from slmcl.tasks.data import Example
+
+CheckpointFormat = Literal["adapter", "merged"]
 
 STRATEGIES: Registry[type] = Registry("strategy", package="slmcl.training.strategies")
 
@@ -133,9 +146,25 @@ class StageContext:
     options: dict[str, Any]  # as the spec wrote them; the strategy's typed copy is ``strategy.options``
     optimizer: Any = None
     state: StrategyState = field(default_factory=StrategyState)  # what the previous stage exported
+    n_stages: int = 0  # stages in this run's order (O-LoRA sizes its stacked adapter by it)
+    # Training rows of a task of this experiment, as the spec limits them (``training.max_examples``),
+    # each with ``task_name`` set: replay mixes them in, OSF measures layer importance on them.
+    task_examples: Callable[[str], list[Example]] = field(default=lambda name: [])
+    # A task's rows as model input: token ids of prompt + training target, the way the stage trains them.
+    encode: Callable[[Sequence[Example]], list[list[int]]] = field(default=lambda rows: [])
 
 
 class Strategy(Protocol):
+    checkpoint: ClassVar[CheckpointFormat]
+
+    def adapter_lora(self, lora: LoraSpec, n_stages: int) -> LoraSpec: ...
+
+    def stage_model(self, ctx: StageContext, base: Any) -> Any: ...
+
+    def updated_parameters(self, ctx: StageContext, params: Sequence[torch.Tensor]) -> int: ...
+
+    def merged_model(self, ctx: StageContext, model: Any) -> Any: ...
+
     def stage_examples(self, ctx: StageContext, examples: Sequence[Example]) -> Sequence[Example]: ...
 
     def on_stage_start(self, ctx: StageContext) -> None: ...
@@ -147,6 +176,8 @@ class Strategy(Protocol):
     def after_step(self, ctx: StageContext) -> None: ...
 
     def on_stage_end(self, ctx: StageContext) -> None: ...
+
+    def on_stage_abort(self, ctx: StageContext) -> None: ...
 
     def export(self, ctx: StageContext) -> StrategyState: ...
 
@@ -182,9 +213,27 @@ class StrategyBase:
     """No-op hooks and the options plumbing: a strategy overrides only what it changes."""
 
     Options: ClassVar[type[StrategyOptions]] = StrategyOptions
+    checkpoint: ClassVar[CheckpointFormat] = "adapter"
 
     def __init__(self, options: StrategyOptions | None = None) -> None:
         self.options = options if options is not None else self.Options()
+
+    def adapter_lora(self, lora: LoraSpec, n_stages: int) -> LoraSpec:
+        """The LoRA adapter this strategy trains, given the spec's ``lora`` (``adapter`` format only)."""
+        return lora
+
+    def updated_parameters(self, ctx: StageContext, params: Sequence[torch.Tensor]) -> int:
+        """How many of the optimizer's parameters this stage really updates (the comparison reports it)."""
+        return sum(p.numel() for p in params)
+
+    def stage_model(self, ctx: StageContext, base: Any) -> Any:
+        """``merged`` format: wrap ``base`` (a plain model with the previous stage's weights, the
+        engine's private copy) into what this stage trains; parameters with ``requires_grad`` train."""
+        raise NotImplementedError(f"{type(self).__name__} trains an adapter, not the base weights")
+
+    def merged_model(self, ctx: StageContext, model: Any) -> Any:
+        """``merged`` format: fold the trained ``model`` into a plain model with dense weights."""
+        raise NotImplementedError(f"{type(self).__name__} trains an adapter, not the base weights")
 
     def stage_examples(self, ctx: StageContext, examples: Sequence[Example]) -> Sequence[Example]:
         return examples
@@ -202,6 +251,10 @@ class StrategyBase:
         return None
 
     def on_stage_end(self, ctx: StageContext) -> None:
+        return None
+
+    def on_stage_abort(self, ctx: StageContext) -> None:
+        """The stage raised: undo what ``on_stage_start`` changed in the shared model (no checkpoint follows)."""
         return None
 
     def export(self, ctx: StageContext) -> StrategyState:
