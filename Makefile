@@ -50,8 +50,11 @@ lint: dev-setup              ## ruff (style, imports, bugbear, pyupgrade) and my
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
-test: lint redis             ## lint, then the whole suite (unit, end-to-end, services)
-	$(PY) -m pytest -q -p no:cacheprovider tests
+# Two workers (pytest-xdist), a test file per worker at a time (module fixtures start their servers once):
+# the service and fault tests mostly wait on processes and outages, so the suite takes about half as long.
+TEST_WORKERS ?= 2
+test: lint redis             ## lint, then the whole suite (unit, end-to-end, services); TEST_WORKERS=0 runs it serially
+	$(PY) -m pytest -q -p no:cacheprovider $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile) tests
 
 test-fast: dev-setup         ## what needs no real model and starts no server (< 2 min on 2 cores)
 	$(PY) -m pytest -q -p no:cacheprovider -m "not slow and not integration" tests

@@ -15,6 +15,7 @@ Rows (sizes are recorded in the JSON):
 * ``stability_*``: the stability pass of one adapted checkpoint (ours reuses the cached
   base distributions; their one-off cost is its own row);
 * ``train_*``: one training stage from a fresh adapter;
+* ``train_<strategy>``: stage 2 of O-LoRA, OSF, ProCL and replay beside ``lora``'s (bench/strategy_bench.py);
 * ``run_*``: a whole run, base + one stage per task, end to end (ours: ``ExperimentRunner``
   with a fresh output folder and no cached base results, i.e. a single run on its own).
 
@@ -582,11 +583,18 @@ PHASES: dict[str, Callable[[Bench], None]] = {
 }
 
 
-DEFAULT_PHASES = tuple(PHASES)  # what `make bench` runs; service rows are opt-in (--rows ...,run_service,scaling)
+def _register_strategy_phase() -> None:
+    from bench.strategy_bench import phase_strategies
+
+    register_phase("strategies", phase_strategies)
 
 
 def register_phase(name: str, fn: Callable[[Bench], None]) -> None:
     PHASES[name] = fn
+
+
+_register_strategy_phase()
+DEFAULT_PHASES = tuple(PHASES)  # what `make bench` runs; service rows are opt-in (--rows ...,run_service,scaling)
 
 
 def _register_service_phases() -> None:

@@ -216,6 +216,9 @@ class StrategySpec:
     label: Annotated[Str | None, Field(description=(
         "this entry's name in run ids and tables (default: the strategy's name); "
         "needed to compare one strategy under two option sets"))] = None
+    training: Annotated[dict[Str, Any], Field(description=(
+        "this strategy's changes to `training:` (e.g. OSF's paper lr 1e-5: it trains whole weight "
+        "matrices, where LoRA's learning rates break the model)"))] = field(default_factory=dict)
 
     @property
     def key(self) -> str:
@@ -290,6 +293,10 @@ class ExperimentSpec:
             if t.name == name:
                 return t
         raise SpecError(f"tasks: no task named {name!r}")
+
+    def training_for(self, entry: StrategySpec) -> TrainingSpec:
+        """``training`` as a run of ``entry`` trains: the spec's, with the entry's changes (checked at load)."""
+        return dataclasses.replace(self.training, **entry.training) if entry.training else self.training
 
     def strategy_entry(self, label: str) -> StrategySpec:
         """The ``strategies`` entry called ``label`` (a run's strategy)."""
@@ -668,6 +675,12 @@ def _validate_strategies(spec: ExperimentSpec, errors: _Errors) -> ExperimentSpe
             continue
         if st.label is not None and not _LABEL.fullmatch(st.label):
             errors.add(f"{path}.label", f"must be lowercase letters, digits, '-' or '_', got {st.label!r}")
+        if st.training:  # checked as the training section it makes: every bound and type, the field named
+            try:
+                _adapter().validate_python({"training": {**dataclasses.asdict(spec.training), **st.training}})
+            except ValidationError as exc:
+                errors.lines += [line.replace("training", f"{path}.training", 1) for line in _explain(exc)]
+                continue
         resolved.append(dataclasses.replace(st, options=options))
     keys = [st.key for st in resolved]
     for key in sorted({k for k in keys if keys.count(k) > 1}):

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from slmcl.config.spec import ExperimentSpec, LoraSpec, StrategySpec, TaskSpec
+from slmcl.config.spec import ExperimentSpec, LoraSpec, StrategySpec, TaskSpec, TrainingSpec
 from slmcl.errors import SpecError
 from slmcl.inference.evaluation import TaskEvaluation, evaluate_tasks, one_task_progress
 from slmcl.inference.stability import (
@@ -82,6 +82,7 @@ class Engine:
         self._overrides: dict[str, torch.Tensor] | None = None
         self._dense: Any = None  # the plain model a merged stage just trained (saved as its checkpoint)
         self._n_stages: int | None = None  # of the run ``start_run`` began (O-LoRA sizes its adapter by it)
+        self._training: TrainingSpec | None = None  # of the stage being trained (``training_for`` its strategy)
         self.forward_passes = 0  # stability forwards, counted so tests can hold us to one per row
         self._reference: ReferenceSet | None = None
         self._base_logp: torch.Tensor | None = None
@@ -151,6 +152,7 @@ class Engine:
         entry = strategy or self.spec.strategy
         impl = get_strategy(entry.name, entry.options)
         self._overrides, self._dense, self._n_stages = None, None, n_stages
+        self._training = self.spec.training_for(entry)
         lora = self.spec.lora if impl.checkpoint == "merged" else impl.adapter_lora(self.spec.lora, n_stages)
         self._select_adapter(self._adapter_for(lora))
         modeling.reset_lora(self.model, seed, self.adapter)
@@ -242,7 +244,9 @@ class Engine:
         if state.strategy and state.strategy != entry.name:
             raise SpecError(f"strategy.name: {entry.name!r}, but the previous stage's state was "
                             f"written by strategy {state.strategy!r}")
-        examples = load_examples(task.train_file, limit=spec.training.max_examples)
+        training = spec.training_for(entry)
+        self._training = training
+        examples = load_examples(task.train_file, limit=training.max_examples)
         impl = get_strategy(entry.name, entry.options)  # SpecError naming the option
         ctx = StageContext(
             model=self.model, run_id=run_id, seed=seed, stage=stage, task=task.name,
@@ -259,7 +263,7 @@ class Engine:
         if merged:  # the method changes base weights: train a private copy, never the resident base
             ctx.model = impl.stage_model(ctx, self._plain_copy())
         result = train_stage(
-            ctx.model, sft, spec.training, impl, ctx,
+            ctx.model, sft, training, impl, ctx,
             pad_id=self.loaded.pad_token_id, device=self.loaded.device, generator=generator, on_step=on_step,
         )
         if merged:
@@ -273,13 +277,18 @@ class Engine:
     def task_examples(self, name: str) -> list[Example]:
         """A task's training rows as a stage trains them (``training.max_examples``), tagged with the task."""
         task = self.spec.task(name)
-        rows = load_examples(task.train_file, limit=self.spec.training.max_examples)
+        rows = load_examples(task.train_file, limit=self._training_spec().max_examples)
         return [dataclasses.replace(r, task_name=task.name) for r in rows]
 
     def _sft(self, example: Example, default: TaskSpec) -> SFTExample:
         """A row as training input, rendered with its own task's instruction (replayed rows keep theirs)."""
         task = self.spec.task(example.task_name) if example.task_name else default
-        return build_sft_example(self.loaded.tokenizer, self.renderer, task, example, self.spec.training.max_length)
+        return build_sft_example(self.loaded.tokenizer, self.renderer, task, example,
+                                 self._training_spec().max_length)
+
+    def _training_spec(self) -> TrainingSpec:
+        """The training settings of the stage being prepared (a strategy entry may change the spec's)."""
+        return self._training if self._training is not None else self.spec.training
 
     def encode(self, rows: Sequence[Example]) -> list[list[int]]:
         """Rows as the token ids a stage trains on (prompt + target); rows need ``task_name``."""

@@ -56,6 +56,17 @@ def test_bad_entries_name_the_field(strategies: list[object], message: str) -> N
         _spec(strategies=strategies)
 
 
+def test_a_strategy_may_change_training_settings() -> None:
+    spec = _spec(training={"lr": 2e-4}, strategies=["lora", {"name": "replay", "training": {"lr": 1e-5, "epochs": 2}}])
+    assert spec.training_for(spec.strategy_entry("lora")).lr == 2e-4
+    replay = spec.training_for(spec.strategy_entry("replay"))
+    assert (replay.lr, replay.epochs, replay.batch_size) == (1e-5, 2, spec.training.batch_size)
+    with pytest.raises(SpecError, match=r"strategies\[1\]\.training\.lr: must be > 0, got -1"):
+        _spec(strategies=["lora", {"name": "replay", "training": {"lr": -1}}])
+    with pytest.raises(SpecError, match=r"strategies\[0\]\.training\.lrr: unknown key"):
+        _spec(strategies=[{"name": "replay", "training": {"lrr": 1}}])
+
+
 def test_strategy_and_strategies_together_is_refused() -> None:
     with pytest.raises(SpecError, match=r"strategy: give either"):
         _spec(strategy={"name": "replay"}, strategies=["lora"])

@@ -38,10 +38,11 @@ Choices the paper leaves open, made here on purpose:
   would round them to a bf16 weight's dtype, which breaks W = U S V^T before any step).
 - k is computed with a 1e-9 slack before the floor so that, e.g., 0.57 x 100 is 57, not 56.
 
-Precision of what is merged is the caller's: a bf16 base rounds each stage's merged update to
-bf16, and with small learning rates most of it vanishes (SmolLM2-135M, 4 steps at lr 1e-5:
-86% of the entries' updates round away, and the rounding error also lands in the frozen
-subspace). Merged stages should carry their weights in fp32.
+Precision of what is merged: a bf16 base would round each stage's merged update to bf16, and
+with small learning rates most of it vanishes (SmolLM2-135M, 4 steps at lr 1e-5: 86% of the
+entries' updates round away, and the rounding error also lands in the frozen subspace). So the
+engine hands ``stage_model`` an fp32 copy and keeps the merged checkpoint in fp32 whatever the
+device's dtype; only evaluation casts it to the dtype every forward pass uses.
 """
 
 from __future__ import annotations
