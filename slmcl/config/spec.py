@@ -654,7 +654,11 @@ _LABEL = re.compile(r"[a-z0-9][a-z0-9_-]*")
 def _validate_strategies(spec: ExperimentSpec, errors: _Errors) -> ExperimentSpec:
     """``strategy`` is the shorthand of a one-entry ``strategies``; every entry's options are checked here,
     and the resolved spec records them with the strategy's defaults filled in (and both fields agreeing)."""
-    from slmcl.training.strategies import StrategyOptionError, validate_strategy_options  # local: see _strategy_names
+    from slmcl.training.strategies import (  # local: see _strategy_names
+        StrategyOptionError,
+        check_strategy_spec,
+        validate_strategy_options,
+    )
 
     if spec.strategies:
         if spec.strategy != StrategySpec() and spec.strategy != spec.strategies[0]:
@@ -672,6 +676,11 @@ def _validate_strategies(spec: ExperimentSpec, errors: _Errors) -> ExperimentSpe
             continue
         except SpecError as exc:  # the message names its field (strategy.name / strategy.options.<key>)
             errors.add("", str(exc).replace("strategy.", f"{path}.", 1))
+            continue
+        crossed = check_strategy_spec(st.name, options, spec.lora)
+        if crossed:
+            errors.lines += [f"{p.replace('strategy', path, 1) if p.startswith('strategy.') else p}: {m}"
+                             for p, m in crossed]
             continue
         if st.label is not None and not _LABEL.fullmatch(st.label):
             errors.add(f"{path}.label", f"must be lowercase letters, digits, '-' or '_', got {st.label!r}")

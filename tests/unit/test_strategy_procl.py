@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from slmcl.config.spec import spec_from_dict
+from slmcl.config.spec import StrategySpec, spec_from_dict
 from slmcl.errors import SpecError, TrainingError
 from slmcl.models.engine import Engine
 from slmcl.models.loading import load_model
@@ -311,13 +311,18 @@ def test_stage_2_resumed_from_the_checkpoint_folder_equals_the_uninterrupted_run
 def test_slots_that_do_not_divide_the_rank_are_refused_before_anything_is_wrapped(
     tiny_model_dir: Path, data_dir: Path, tmp_path: Path
 ) -> None:
-    engine = make_engine(tiny_model_dir, data_dir, tmp_path / "out", options={"slots": 3})
+    # The spec refuses it when it loads ...
+    with pytest.raises(SpecError, match=r"strategy\.options\.slots: 3 slots must divide lora\.rank=8"):
+        make_engine(tiny_model_dir, data_dir, tmp_path / "out", options={"slots": 3})
+    # ... and a stage handed such options anyway (the engine's API takes any entry) refuses before wrapping.
+    engine = make_engine(tiny_model_dir, data_dir, tmp_path / "out")
+    bad = StrategySpec(name="procl", options={"slots": 3})
     engine.reset_adapter(7)
-    s1 = train(engine, 1)  # stage 1 is plain LoRA: the slots play no part yet
+    s1 = train(engine, 1, strategy=bad)  # stage 1 is plain LoRA: the slots play no part yet
     before = lora_weights(engine)
     with pytest.raises(TrainingError, match=r"^run r stage 2: strategy 'procl': strategy\.options\.slots=3 must "
                                             r"divide lora\.rank=8 .*choose slots among the divisors of the rank"):
-        train(engine, 2, s1.strategy_state)
+        train(engine, 2, s1.strategy_state, strategy=bad)
     assert wrapped(engine.model) == 0 and plain_lora(engine.model)
     after = lora_weights(engine)
     assert all(torch.equal(after[k], v) for k, v in before.items())

@@ -222,6 +222,11 @@ class StrategyBase:
         """The LoRA adapter this strategy trains, given the spec's ``lora`` (``adapter`` format only)."""
         return lora
 
+    def check_spec(self, lora: LoraSpec) -> list[tuple[str, str]]:
+        """What these options cannot be combined with in the spec's ``lora`` (checked when the spec loads,
+        without torch): (field path, message) pairs; ``strategy.`` paths are rewritten for list entries."""
+        return []
+
     def updated_parameters(self, ctx: StageContext, params: Sequence[torch.Tensor]) -> int:
         """How many of the optimizer's parameters this stage really updates (the comparison reports it)."""
         return sum(p.numel() for p in params)
@@ -368,6 +373,17 @@ def parse_strategy_options(name: str, options: Mapping[str, Any] | None) -> Stra
     parsed: StrategyOptions = opt_cls(**values)
     parsed.validate()
     return parsed
+
+
+def check_strategy_spec(name: str, options: Mapping[str, Any] | None, lora: LoraSpec) -> list[tuple[str, str]]:
+    """The strategy's checks across spec sections (its options against ``lora``), without torch."""
+    return get_strategy_instance(name, options).check_spec(lora)
+
+
+def get_strategy_instance(name: str, options: Mapping[str, Any] | None) -> StrategyBase:
+    parsed = parse_strategy_options(name, options)
+    instance: StrategyBase = STRATEGIES.get(name)(parsed)
+    return instance
 
 
 def validate_strategy_options(name: str, options: Mapping[str, Any] | None) -> dict[str, Any]:

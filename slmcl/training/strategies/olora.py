@@ -138,6 +138,12 @@ class OLoRA(StrategyBase):
                             f"'none' (a trained bias is shared by every task), got {lora.bias!r}")
         return dataclasses.replace(lora, rank=lora.rank * n_stages, alpha=lora.alpha * n_stages)
 
+    def check_spec(self, lora: LoraSpec) -> list[tuple[str, str]]:
+        if lora.bias != "none":
+            return [("lora.bias", f"strategy 'olora' trains only the per-task LoRA pairs, so it must be 'none' "
+                                  f"(a trained bias is shared by every task), got {lora.bias!r}")]
+        return []
+
     def on_stage_start(self, ctx: StageContext) -> None:
         import torch
         from peft.tuners.lora import LoraLayer

@@ -65,6 +65,8 @@ from slmcl.training.strategies import (
 if TYPE_CHECKING:
     import torch
 
+    from slmcl.config.spec import LoraSpec
+
 KEY_INIT_SCALE = 0.01  # keys ~ 0.01 N(0, 1), the authors' scale: routing starts almost uniform
 GATE_CLIP = 10.0  # |g| bound of the authors' gate init
 
@@ -288,6 +290,12 @@ class ProCL(StrategyBase):
     def __init__(self, options: StrategyOptions | None = None) -> None:
         super().__init__(options)
         self.factors: list[ProCLFactor] = []
+
+    def check_spec(self, lora: LoraSpec) -> list[tuple[str, str]]:
+        if lora.rank % self.options.slots:
+            return [("strategy.options.slots", f"{self.options.slots} slots must divide lora.rank={lora.rank}: "
+                                               "each slot is an equal block of the factor's rows")]
+        return []
 
     def on_stage_start(self, ctx: StageContext) -> None:
         # A stage that failed never reached on_stage_end, and left its wrappers in the resident model.
