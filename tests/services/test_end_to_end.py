@@ -261,9 +261,9 @@ def test_two_strategies_equal_the_embedded_run(shared_trio: Trio, tiny_model_dir
     stab = {(r["strategy"], r["step"]): r for r in _csv(emb / "stability.csv")}
     for a in _csv(out / "stability.csv"):
         b = stab[(a["strategy"], a["step"])]
-        for col in a:
+        for col in a:  # fp32 forwards on one thread (services) and two (here): equal to fp32's precision
             if col.startswith(("kl_", "entropy", "margin")):
-                assert float(a[col]) == pytest.approx(float(b[col]), abs=1e-6), col
+                assert float(a[col]) == pytest.approx(float(b[col]), rel=1e-6, abs=1e-6), (a["strategy"], col)
     s_sum, e_sum = json.loads((out / "summary.json").read_text()), json.loads((emb / "summary.json").read_text())
     assert [(o["strategy"], o["metrics"]) for o in s_sum["orders"]] == [
         (o["strategy"], o["metrics"]) for o in e_sum["orders"]]
