@@ -450,7 +450,8 @@ def cmd_up(args: argparse.Namespace) -> int:
                 raise StackError(f"not healthy after {args.timeout:.0f} s: {', '.join(pending)}")
             if pending:
                 time.sleep(0.5)
-    except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - whatever it was, undo the half-started stack
+    except (Exception, KeyboardInterrupt, SystemExit) as exc:  # noqa: BLE001 - whatever it was (a bad setting
+        # stops Settings() with SystemExit naming the variable), undo the half-started stack
         failed_log = getattr(exc, "log", None)
         if failed_log is not None:
             print(f"\n--- last lines of {failed_log}\n{tail(failed_log)}\n---", file=sys.stderr)

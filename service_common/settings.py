@@ -46,8 +46,8 @@ class Settings:
     # Evaluator replicas the monitor fans out to: "host:port,host:port" or "dns:///evaluator:50052".
     evaluators: str = field(default_factory=lambda: _env("SLMCL_EVALUATORS", "127.0.0.1:50052"))
     # Stages the monitor measures at once (each waits on its evaluation requests, which run elsewhere).
-    monitor_stage_workers: int = field(default_factory=lambda: int(_env("SLMCL_MONITOR_STAGE_WORKERS", "16")))
-    eval_shards_per_task: int = field(default_factory=lambda: int(_env("SLMCL_EVAL_SHARDS_PER_TASK", "1")))
+    monitor_stage_workers: int = field(default_factory=lambda: _env_limit("SLMCL_MONITOR_STAGE_WORKERS", 16))
+    eval_shards_per_task: int = field(default_factory=lambda: _env_limit("SLMCL_EVAL_SHARDS_PER_TASK", 1))
     monitor_address: str = field(default_factory=lambda: _env("SLMCL_MONITOR_ADDRESS", "127.0.0.1:50051"))
     device: str = field(default_factory=lambda: _env("SLMCL_DEVICE", "auto"))
     # Where artifacts live, for slmcl.storage.factory.open_store: $SLMCL_STORE_URL, else the bucket of the
@@ -61,7 +61,7 @@ class Settings:
     max_dataset_rows: int = field(default_factory=lambda: _env_limit("SLMCL_MAX_DATASET_ROWS", 1_000_000))
     # Experiments queued or running at once, over all clients.
     max_experiments_in_flight: int = field(default_factory=lambda: _env_limit("SLMCL_MAX_EXPERIMENTS_IN_FLIGHT", 16))
-    # Runs of one experiment: len(orders) x len(seeds).
+    # Runs of one experiment: len(strategies) x len(orders) x len(seeds).
     max_runs_per_experiment: int = field(default_factory=lambda: _env_limit("SLMCL_MAX_RUNS_PER_EXPERIMENT", 64))
 
     def __post_init__(self) -> None:

@@ -106,7 +106,8 @@ def test_stack_up_undoes_everything_when_a_service_dies_at_start(tmp_path: Path)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     # The stack's own settings fail first now (it builds the store URL from them) or a service's log tail is shown:
     # either way the cause is on stderr.
-    assert "not-a-number" in proc.stderr, "the cause of the failure is shown"
+    assert "SLMCL_EVAL_SHARDS_PER_TASK='not-a-number': expected a whole number" in proc.stderr, \
+        "the cause of the failure is shown, the setting named"
     assert not (d / "pids.json").exists()
     started = [int(m) for m in re.findall(r"\(pid (\d+)", proc.stdout + proc.stderr)]
     assert started and not [pid for pid in started if alive(pid)], "nothing it started is left running"
