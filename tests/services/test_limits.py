@@ -134,7 +134,7 @@ def test_limits_refuse_before_anything_is_written(monitor: Monitor, s3_server: S
     c = monitor.client
     refused: dict[str, tuple[ExperimentSpec, grpc.StatusCode, str]] = {
         "runs": (_spec(tiny_model_dir, data_dir, tmp_path, seeds=[1, 2, 3]), grpc.StatusCode.RESOURCE_EXHAUSTED,
-                 "orders x seeds: 1 x 3 = 3 runs"),
+                 "strategies x orders x seeds: 1 x 1 x 3 = 3 runs"),
         "bytes": (_spec(tiny_model_dir, data_dir, tmp_path, reference={
             "file": str(_rows(tmp_path / "big.json", 300, pad=1000))}), grpc.StatusCode.RESOURCE_EXHAUSTED,
                   "SLMCL_MAX_DATASET_BYTES"),
