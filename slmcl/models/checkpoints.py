@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -23,6 +20,7 @@ from typing import Any
 import torch
 
 from slmcl.errors import ModelError
+from slmcl.models.lora import write_folder
 from slmcl.protocol.layout import ADAPTER_FILES, MERGED_FILES
 
 ADAPTER_FORMAT, MERGED_FORMAT = "adapter", "merged"
@@ -124,17 +122,10 @@ def swapped_weights(model: torch.nn.Module, overrides: Mapping[str, torch.Tensor
 def save_merged(dense: Any, tokenizer: Any, out_dir: str | Path,
                 extra: Callable[[Path], None] | None = None) -> Path:
     """A merged checkpoint: the plain model folder (+ tokenizer and ``extra`` files), renamed into place."""
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
-    try:
+    def write(tmp: Path) -> None:
         dense.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
         if extra is not None:
             extra(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+
+    return write_folder(out_dir, write)

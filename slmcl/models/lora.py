@@ -96,10 +96,8 @@ def save_adapter(peft_model: Any, out_dir: str | Path, extra: Callable[[Path], N
     ``extra`` writes more files into the folder before it is renamed into place (a
     strategy's state), so a reader never sees an adapter without the files that belong to it.
     """
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
-    try:
+
+    def write(tmp: Path) -> None:
         peft_model.save_pretrained(str(tmp), selected_adapters=[adapter])
         if adapter != ADAPTER_NAME:  # PEFT writes a named adapter into a subfolder of that name
             for f in (tmp / adapter).iterdir():
@@ -107,6 +105,18 @@ def save_adapter(peft_model: Any, out_dir: str | Path, extra: Callable[[Path], N
             (tmp / adapter).rmdir()
         if extra is not None:
             extra(tmp)
+
+    return write_folder(out_dir, write)
+
+
+def write_folder(out_dir: str | Path, write: Callable[[Path], None]) -> Path:
+    """``write`` fills a temporary sibling folder, which then replaces ``out_dir`` by one rename: a reader
+    sees the old checkpoint folder or the whole new one, never half of it."""
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
+    try:
+        write(tmp)
         if out.exists():
             shutil.rmtree(out)
         os.rename(tmp, out)
