@@ -83,6 +83,7 @@ class Engine:
         self._dense: Any = None  # the plain model a merged stage just trained (saved as its checkpoint)
         self._n_stages: int | None = None  # of the run ``start_run`` began (O-LoRA sizes its adapter by it)
         self._training: TrainingSpec | None = None  # of the stage being trained (``training_for`` its strategy)
+        self._strategy_name = spec.strategy.name  # of the run being trained: names a state saved without one
         self.forward_passes = 0  # stability forwards, counted so tests can hold us to one per row
         self._reference: ReferenceSet | None = None
         self._base_logp: torch.Tensor | None = None
@@ -128,9 +129,13 @@ class Engine:
         key = json.dumps(dataclasses.asdict(lora), sort_keys=True)
         name = self._adapter_for_spec.get(key)
         if name is None:
-            name = f"shape{len(self.model.peft_config)}"
-            add_lora(self.model, name, lora_config(lora))
+            name = self._add_adapter(lora_config(lora))
             self._adapter_for_spec[key] = name
+        return name
+
+    def _add_adapter(self, config: Any) -> str:
+        name = f"shape{len(self.model.peft_config)}"
+        add_lora(self.model, name, config)
         return name
 
     def _adapter_for_folder(self, folder: Path) -> str:
@@ -142,17 +147,14 @@ class Engine:
         for name, have in self.model.peft_config.items():
             if shape_signature(have) == wanted:
                 return str(name)
-        name = f"shape{len(self.model.peft_config)}"
         config.inference_mode = False
-        add_lora(self.model, name, config)
-        return name
+        return self._add_adapter(config)
 
     def start_run(self, seed: int, strategy: StrategySpec | None = None, n_stages: int = 1) -> None:
         """A new run of ``strategy``: the adapter shape it trains, with fresh weights deterministic in the seed."""
         entry = strategy or self.spec.strategy
         impl = get_strategy(entry.name, entry.options)
-        self._overrides, self._dense, self._n_stages = None, None, n_stages
-        self._training = self.spec.training_for(entry)
+        self._overrides, self._dense, self._n_stages, self._strategy_name = None, None, n_stages, entry.name
         lora = self.spec.lora if impl.checkpoint == "merged" else impl.adapter_lora(self.spec.lora, n_stages)
         self._select_adapter(self._adapter_for(lora))
         modeling.reset_lora(self.model, seed, self.adapter)
@@ -179,10 +181,12 @@ class Engine:
         extra = None
         if strategy_state is not None:
             state = strategy_state if strategy_state.strategy else StrategyState(
-                meta=strategy_state.meta, tensors=strategy_state.tensors, strategy=self.spec.strategy.name)
+                meta=strategy_state.meta, tensors=strategy_state.tensors, strategy=self._strategy_name)
             extra = state.save
         if self._dense is not None:
-            return save_merged(self._dense, self.loaded.tokenizer, out_dir, extra=extra)
+            saved = save_merged(self._dense, self.loaded.tokenizer, out_dir, extra=extra)
+            self._dense = None  # a whole model: evaluation needs only the overrides, kept beside the base
+            return saved
         return save_peft_adapter(self.model, out_dir, extra=extra, adapter=self.adapter)
 
     save_adapter = save_checkpoint
@@ -240,6 +244,7 @@ class Engine:
         folder on resume), and the result's ``strategy_state`` is what the next stage needs."""
         spec = self.spec
         entry = strategy or spec.strategy
+        self._strategy_name = entry.name
         state = StrategyState() if strategy_state is None else strategy_state.copy()
         if state.strategy and state.strategy != entry.name:
             raise SpecError(f"strategy.name: {entry.name!r}, but the previous stage's state was "

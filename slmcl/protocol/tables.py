@@ -182,10 +182,10 @@ def comparison_markdown(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def write_tables(store: ArtifactStore, records: Sequence[StageRecord]) -> None:
-    comparison = comparison_rows(records)
-    store.put_bytes("comparison.csv", _csv(COMPARISON_COLUMNS, comparison))
-    store.put_bytes("comparison.md", comparison_markdown(comparison).encode())
+    summary = summarize(records)  # holds the comparison rows too: computed once for both files
+    store.put_bytes("comparison.csv", _csv(COMPARISON_COLUMNS, summary["comparison"]))
+    store.put_bytes("comparison.md", comparison_markdown(summary["comparison"]).encode())
     store.put_bytes("scores.csv", _csv(SCORES_COLUMNS, score_rows(records)))
     store.put_bytes("stability.csv", _csv(STABILITY_COLUMNS, stability_rows(records)))
     store.put_bytes("train_loss.csv", _csv(TRAIN_LOSS_COLUMNS, loss_rows(records)))
-    store.put_bytes("summary.json", json.dumps(summarize(records), indent=1).encode())
+    store.put_bytes("summary.json", json.dumps(summary, indent=1).encode())
