@@ -41,6 +41,7 @@ from service_common.settings import Settings
 from slmcl.config.spec import ExperimentSpec, spec_from_dict
 from slmcl.errors import DataError, LimitExceededError, NotFoundError, SlmclError, SpecError
 from slmcl.protocol import layout
+from slmcl.protocol.records import StageRecord
 from slmcl.protocol.runs import RunPlan, plan_runs
 from slmcl.protocol.stages import (
     ResultsTree,
@@ -49,7 +50,9 @@ from slmcl.protocol.stages import (
     commit_stage,
     expected_records,
     measure,
+    stage_tasks,
 )
+from slmcl.protocol.tables import live_estimate
 from slmcl.storage.local import ArtifactStore
 from slmcl.storage.prefixed import PrefixedStore
 from slmcl.tasks.data import scan_data
@@ -57,6 +60,7 @@ from slmcl.tasks.data import scan_data
 log = logging.getLogger(__name__)
 
 TERMINAL = ("succeeded", "failed", "cancelled")
+PRIOR_PREFIX = "experiment:"  # evaluation.calibration_prior in the services: another experiment of the server
 RESUMABLE = ("failed", "cancelled")
 PENDING_SWEEP_SECONDS = 10.0  # how often stage notices left unacknowledged (an outage) are handled again
 
@@ -131,6 +135,10 @@ class Control:
             raise LimitExceededError(
                 f"{in_flight} experiments are queued or running, this server's limit "
                 f"(SLMCL_MAX_EXPERIMENTS_IN_FLIGHT={limits.max_experiments_in_flight}); submit again when one ends")
+        prior = spec.evaluation.calibration_prior
+        if prior and not (prior.startswith(PRIOR_PREFIX) and self.exists(prior[len(PRIOR_PREFIX):])):
+            raise SpecError(f"evaluation.calibration_prior: {prior!r} is not an experiment of this server; "
+                            f"name one as {PRIOR_PREFIX}<id>")
         by_path = {f.path: f for f in files}
         for f in files:
             if len(f.content) > limits.max_dataset_bytes:
@@ -217,7 +225,8 @@ class Control:
             n_trained = sum(1 for k in range(1, len(order) + 1) if f"{rid}/trained-{k}.json" in trained)
             n_done = sum(1 for k in range(1, len(order) + 1) if f"{rid}/stage-{k}.json" in trained)
             state = h.get(f"run:{rid}:state", "queued")
-            if n_done == len(order):
+            end = self.tree(exp_id).run_end(rid, len(order)) if f"{rid}/stopped.json" in trained else len(order)
+            if n_done == end:
                 state = "done"  # the records decide: a late or repeated stage handler may have said "training"
             elif h.get("state") == "cancelled":
                 state = "cancelled"  # whatever it was doing: a cancelled experiment's unfinished runs stopped
@@ -308,7 +317,7 @@ class Control:
         enqueue: list[RunPlan] = []
         measure_now: list[dict[str, str]] = []
         for run in plan_runs(spec):
-            rid, n = run.run_id, len(run.order)
+            rid, n = run.run_id, tree.run_end(run.run_id, len(run.order))  # n: where the policy stopped it
             trained = tree.last_trained(rid, n)
             committed = {k for r, k in tree.committed(rid) if r == rid}
             for k in range(1, trained + 1):
@@ -417,24 +426,36 @@ class Control:
         self.redis.hset(keys.experiment_hash(exp_id), f"run:{rid}:state", "training")
         if self._base_rows.get(exp_id) is None:  # the base's rows, once per experiment (deltas need them)
             self._base_rows.put(exp_id, self._evaluator(exp_id, spec).drift_rows(None))
-        m = measure(self._evaluator(exp_id, spec), trained.checkpoint, spec.tasks, self._progress(exp_id, rid, step))
+        m = measure(self._evaluator(exp_id, spec), trained.checkpoint, stage_tasks(spec, trained),
+                    self._progress(exp_id, rid, step))
         if self.state(exp_id) in TERMINAL:
             return  # cancelled or failed while it was measured: nothing is committed after the end
         rec = commit_stage(tree, spec, trained, m)
-        self._stage_committed(exp_id, rid, step, rec.checkpoint_task, m.scores, m.stability)
-        if step == len(trained.order):
+        estimate = None if rec.evaluated else live_estimate(tree.records(), rec, self._prior(spec))
+        self._stage_committed(exp_id, rid, step, rec.checkpoint_task, m.scores, rec.stability, estimate,
+                              trained.action)
+        if step == len(trained.order) or trained.action == "stop":
             self.redis.hset(keys.experiment_hash(exp_id), f"run:{rid}:state", "done")
         self._maybe_finish(exp_id)
 
     def _stage_committed(self, exp_id: str, rid: str, step: int, task: str, scores: dict[str, Any],
-                         stab: dict[str, Any]) -> None:
-        self.event(exp_id, "stage_done", rid, step, task, {"scores": scores, "stability": stab})
+                         stab: dict[str, Any], estimate: dict[str, Any] | None = None,
+                         action: str | None = None) -> None:
+        self.event(exp_id, "stage_done", rid, step, task, {"scores": scores, "stability": stab,
+                                                           "estimate": estimate, "action": action})
+
+    def _prior(self, spec: ExperimentSpec) -> list[StageRecord]:
+        """The evaluated records of the experiment named by ``evaluation.calibration_prior`` (checked at submit)."""
+        prior = spec.evaluation.calibration_prior
+        if not prior.startswith(PRIOR_PREFIX):
+            return []
+        return [r for r in self.tree(prior[len(PRIOR_PREFIX):]).records() if r.evaluated]
 
     def _maybe_finish(self, exp_id: str) -> None:
         spec, tree = self.spec(exp_id), self.tree(exp_id)
         with self._tables_lock:
-            records = tree.write_tables()
-            if len(records) >= expected_records(spec) and self.state(exp_id) == "running":
+            records = tree.write_tables(self._prior(spec))
+            if len(records) >= expected_records(spec, tree) and self.state(exp_id) == "running":
                 self._set_state(exp_id, "succeeded")
                 self.event(exp_id, "experiment_done")
 

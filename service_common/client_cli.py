@@ -127,6 +127,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from service_common.client import event_data
+    from slmcl.cli.display import intervention_line, stage_summary
 
     client = _client(args)
     bars: dict[str, tqdm] = {}
@@ -160,12 +161,12 @@ def cmd_watch(args: argparse.Namespace) -> int:
             say(f"  {ev.run_id} stage {ev.step} ({ev.task}) trained; evaluating")
         elif ev.kind == "base_evaluated":
             say(f"base  {ev.task:<12} accuracy {data['accuracy']:.3f} ({data['correct']}/{data['total']})")
+        elif ev.kind == "intervention":
+            say(intervention_line(ev.run_id, ev.step, ev.task, data))
         elif ev.kind == "stage_done":
             st = ev.stage
-            accs = "  ".join(f"{s.task} {s.accuracy:.3f}" for s in st.scores)
-            kl = st.stability.values.get("kl_to_base_mean", 0.0)
             label = "base" if st.step == 0 else f"after {st.checkpoint_task}"
-            say(f"  {st.run_id} step {st.step} {label:<18} {accs}  | KL {kl:.4f}")
+            say(f"  {st.run_id} step {st.step} {label:<18} {stage_summary(data)}")
         elif ev.kind in ("run_failed", "experiment_failed"):
             say(f"FAILED {ev.run_id}: {data.get('error', '')}")
         elif ev.kind == "experiment_cancelled":

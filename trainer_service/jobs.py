@@ -279,6 +279,8 @@ def _train_run(settings: Settings, r: redis.Redis, events: RunEvents, experiment
             if announced:
                 log.info("%s: re-announced stage %d (its notice was lost)", rid, trained.step)
             return
+        for record in trained.interventions:  # the stability policy acted: say so before anything else
+            events.publish("intervention", record, step=trained.step, task=trained.task)
         train_seconds = float(trained.train.get("seconds", 0.0))
         events.publish("stage_trained", {"train_seconds": train_seconds, "final_loss": trained.final_loss,
                                          "steps": len(trained.train.get("steps", [])),

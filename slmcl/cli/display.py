@@ -12,6 +12,34 @@ from typing import Any
 from tqdm import tqdm
 
 
+def intervention_line(run_id: str, stage: int, task: str, record: dict[str, Any]) -> str:
+    """What the stability policy did, as ``slmcl run`` and ``slmcl watch`` print it."""
+    from slmcl.protocol.policy import describe
+
+    return f"  POLICY {run_id} stage {stage} ({task}): {describe(record)}"
+
+
+def stage_summary(data: dict[str, Any]) -> str:
+    """A committed stage in one line: its accuracies (or the estimate, labelled), KL on both signals."""
+    stab = data.get("stability") or {}
+    if data.get("scores"):
+        head = "  ".join(f"{t} {s['accuracy']:.3f}" for t, s in data["scores"].items())
+    elif data.get("estimate"):
+        est = data["estimate"]
+        interval = f" [{est['low']:.3f}, {est['high']:.3f}]" if est.get("low") is not None else ""
+        head = f"avg accuracy {est['value']:.3f}{interval} ESTIMATED from KL ({est['points']} points)"
+    else:
+        head = "not evaluated (evaluation.every)"
+    kl = stab.get("kl_to_base_mean")
+    line = f"{head}  | KL {kl:.4f}" if kl is not None else head
+    task_kl = stab.get("task_kl_to_base_mean")
+    if task_kl is not None:
+        line += f" (own task {task_kl:.4f})"
+    if data.get("action"):
+        line += f" | {data['action']}"
+    return line
+
+
 class ProgressDisplay:
     def __init__(self, enabled: bool = True, stream: Any = None) -> None:
         self.enabled = enabled
@@ -84,11 +112,12 @@ class ProgressDisplay:
             bar.refresh()
         elif kind == "stage_skipped":
             self.write(f"  stage {stage} ({task}) already done: skipped")
+        elif kind == "intervention":
+            self._close_phase()
+            self.write(intervention_line(rid, stage, task, data))
         elif kind == "stage_done":
             self._close_phase()
-            accs = "  ".join(f"{t} {s['accuracy']:.3f}" for t, s in data["scores"].items())
-            self.write(f"  stage {stage} after {task}: {accs}  | KL {data['stability']['kl_to_base_mean']:.4f} "
-                       f"| {data['seconds']:.0f} s")
+            self.write(f"  stage {stage} after {task}: {stage_summary(data)} | {data['seconds']:.0f} s")
             if self.overall is not None:
                 self.overall.update(1)
         elif kind == "experiment_done":

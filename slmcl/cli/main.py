@@ -12,6 +12,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Any
 
 from slmcl.cli.report import format_table, render_results
@@ -73,6 +74,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec, overrides=overrides)
     with ProgressDisplay(enabled=not args.quiet) as display:
         out = run_experiment(spec, progress=display)
+    print(render_results(out))
+    return 0
+
+
+def cmd_tables(args: argparse.Namespace) -> int:
+    from slmcl.errors import NotFoundError
+    from slmcl.protocol.embedded import read_prior
+    from slmcl.protocol.layout import RESULTS_MARKER, SPEC_JSON
+    from slmcl.protocol.stages import ResultsTree
+    from slmcl.storage.local import LocalStore
+
+    out = Path(args.results)
+    if not (out / RESULTS_MARKER).is_file() and not (out / SPEC_JSON).is_file():
+        raise NotFoundError(f"{out}: not an slmcl results directory (no {RESULTS_MARKER} or {SPEC_JSON})")
+    records = ResultsTree(LocalStore(out)).write_tables(read_prior(args.prior or ""))
+    if not records:
+        raise NotFoundError(f"{out}: no finished stages (runs/*/stage-*.json) in this directory")
     print(render_results(out))
     return 0
 
@@ -143,6 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="check a spec without running it")
     v.add_argument("spec")
     v.set_defaults(func=cmd_validate)
+
+    t = sub.add_parser("tables", help="rebuild a results directory's tables from its stage records, and print them")
+    t.add_argument("results", help="an slmcl results directory")
+    t.add_argument("--prior", help="a results directory whose evaluated checkpoints also calibrate the estimates")
+    t.set_defaults(func=cmd_tables)
 
     m = sub.add_parser("metrics", help="CL metrics from a long-format scores CSV")
     m.add_argument("--scores", required=True, help="CSV with seed,step,checkpoint_task,eval_task,accuracy")

@@ -56,7 +56,56 @@ def render_results(path: str | Path) -> str:
             ["checkpoint", "KL mean", "KL p95", "entropy", "Δentropy", "margin", "Δmargin"], stab_rows))
     if several:
         parts.append("\n" + render_comparison(res.comparison))
+    parts += render_self_aware(res.records, res.summary)
     return "\n".join(parts)
+
+
+def render_self_aware(records: Sequence[Any], summary: dict[str, Any]) -> list[str]:
+    """What the stability policy did, the estimates between full evaluations, the KL-accuracy correlation
+    and where the drift sits: the parts of the final print that read the whole experiment."""
+    from slmcl.protocol.policy import describe
+    from slmcl.protocol.tables import estimate_rows
+
+    parts = []
+    acted = [(r, iv) for r in records for iv in r.interventions]
+    if acted:
+        parts.append("\nStability policy (interventions.csv)")
+        parts += [f"  {r.run_id} stage {r.step} ({r.checkpoint_task}): {describe(iv)}" for r, iv in acted]
+    estimated = [e for e in estimate_rows(records) if e["kind"] == "estimated"]
+    if estimated:
+        rows = [[e["order"], e["seed"], e["step"], e["kl_to_base_mean"], e["avg_accuracy"], e.get("low"),
+                 e.get("high")] for e in estimated]
+        parts.append("\nESTIMATED average accuracy between full evaluations (estimates.csv; from KL to base)\n"
+                     + format_table(["order", "seed", "step", "KL mean", "estimate", "low 95%", "high 95%"], rows))
+    cal = summary.get("calibration", {})
+    loo = cal.get("leave_one_out") or {}
+    if loo.get("mae") is not None:
+        cover = loo.get("coverage")
+        parts.append(f"Estimate error against full evaluations (leave-one-out over {loo['points']} checkpoints): "
+                     f"MAE {loo['mae']:.3f}, max {loo['max_abs_error']:.3f}"
+                     + (f", {cover:.0%} inside the 95% interval" if cover is not None else ""))
+    for model, corr in (summary.get("correlation") or {}).items():
+        if corr.get("points", 0) < 2:
+            continue
+        parts.append(f"\nKL to base vs average accuracy ({model}, {corr['points']} checkpoints): Pearson r "
+                     f"{_fmt(corr.get('pearson'))}, Spearman rho {_fmt(corr.get('spearman'))}")
+        if corr.get("warning"):
+            parts.append(f"  warning: {corr['warning']}")
+    last: dict[str, Any] = {}
+    for r in records:
+        if r.attribution and (r.run_id not in last or r.step > last[r.run_id].step):
+            last[r.run_id] = r
+    if last:
+        parts.append("\nWhere the drift sits (drift_attribution.csv; last checkpoint of each run, top layers by "
+                     "relative update norm)")
+        for rid, r in sorted(last.items()):
+            layers = sorted((x for x in r.attribution if x.get("scope") == "layer"),
+                            key=lambda x: -(x.get("relative_norm") or 0.0))[:3]
+            cells = [f"layer {x['layer']} {x['relative_norm']:.2e} ({x.get('intruders', 0)} intruders"
+                     + (f", {x['kl_share_removed']:.0%} of KL" if x.get("kl_share_removed") is not None else "")
+                     + ")" for x in layers]
+            parts.append(f"  {rid} stage {r.step}: " + "; ".join(cells))
+    return parts
 
 
 def render_comparison(rows: Sequence[dict[str, Any]]) -> str:

@@ -186,6 +186,12 @@ class EvaluationSpec:
     # keeps falling with the batch on a CPU too (b=32: 5.5 ms/row/step, b=64: 4.5 on 2 cores).
     batch_size: Annotated[Count, Field(description="rows decoded together; any value gives the same tokens")] = 64
     max_examples: Annotated[Limit, Field(description="first N test rows per task")] = None
+    every: Annotated[Int, Field(ge=1, le=4096, description=(
+        "evaluate every task every N stages (and always at a run's last); drift is measured at every stage, "
+        "and between full evaluations the tables give an accuracy *estimated* from KL to base"))] = 1
+    calibration_prior: Annotated[Str, Field(description=(
+        "a results directory whose fully evaluated checkpoints also calibrate the estimate (relative to the "
+        "spec file)"))] = ""
 
 
 @dataclass(frozen=True, config=_CONFIG)
@@ -205,6 +211,56 @@ class ChatSpec:
     template_kwargs: dict[Str, Any] = field(default_factory=dict)
     enable_thinking: Bool = False
     raw_prompts: Annotated[Bool, Field(description="feed prompts as-is, no chat template")] = False
+
+
+@dataclass(frozen=True, config=_CONFIG)
+class MonitoringSpec:
+    """What is measured beside the reference-set drift at every stage (``slmcl.protocol.policy`` reads it)."""
+
+    task_drift_examples: Annotated[Int, Field(ge=0, le=4096, description=(
+        "prompts of the stage's own training task on which KL to base is measured before and after the stage "
+        "(0: off)"))] = 32
+    attribution: Annotated[Bool, Field(description=(
+        "per module and layer: relative update norm, effective rank, intruder dimensions (drift_attribution.csv)"
+    ))] = True
+    intruder_top_k: Annotated[Int, Field(ge=1, le=4096, description=(
+        "singular vectors of the updated weight examined for intruder dimensions"))] = 10
+    intruder_threshold: Annotated[Number, Field(gt=0, lt=1, description=(
+        "a singular vector whose |cosine| with every base singular vector is below this is an intruder"
+    )), FromText] = 0.5
+    layer_ablation: Annotated[Bool, Field(description=(
+        "per layer, the share of reference KL removed when that layer's update is disabled (a forward per layer)"
+    ))] = False
+    layer_ablation_examples: Annotated[Int, Field(ge=1, le=4096)] = 16
+
+
+PolicyAction = Literal["alert", "stop", "revert", "early-stop"]
+
+
+@dataclass(frozen=True, config=_CONFIG)
+class PolicyRule:
+    """One stability rule: when any of its thresholds is crossed, its action is taken (and recorded)."""
+
+    action: Annotated[PolicyAction, Field(description=(
+        "alert: an event only; stop: end the run after the stage; revert: the next stage starts from the last "
+        "healthy checkpoint; early-stop: check during the stage and end it before it crosses"))]
+    signal: Annotated[Literal["reference", "task"], Field(description=(
+        "reference: KL on the fixed reference set; task: KL on the stage's own training prompts"))] = "reference"
+    kl_mean: Annotated[Number | None, Field(gt=0, description="mean KL to base above this crosses"), FromText] = None
+    kl_p95: Annotated[Number | None, Field(gt=0, description="p95 KL to base above this crosses"), FromText] = None
+    margin_drop: Annotated[Number | None, Field(gt=0, description=(
+        "a fall of the mean top-2 margin from the base's (-ΔMargin) above this crosses"), ), FromText] = None
+    accuracy_drop: Annotated[Number | None, Field(gt=0, le=1, description=(
+        "a fall of accuracy on the reference set's rows (by generation) from the base's above this crosses"
+    )), FromText] = None
+    every: Annotated[Int, Field(ge=1, le=100000, description="early-stop: optimizer steps between checks")] = 4
+    examples: Annotated[Int, Field(ge=1, le=4096, description="early-stop: rows checked (evenly spaced)")] = 16
+
+    @property
+    def thresholds(self) -> dict[str, float]:
+        """The thresholds this rule sets, by the statistic they bound."""
+        return {k: v for k in ("kl_mean", "kl_p95", "margin_drop", "accuracy_drop")
+                if (v := getattr(self, k)) is not None}
 
 
 @dataclass(frozen=True, config=_CONFIG)
@@ -279,6 +335,10 @@ class ExperimentSpec:
     evaluation: Annotated[EvaluationSpec, Section] = field(default_factory=EvaluationSpec)
     reference: Annotated[ReferenceSpec, Section] = field(default_factory=ReferenceSpec)
     chat: Annotated[ChatSpec, Section] = field(default_factory=ChatSpec)
+    monitoring: Annotated[MonitoringSpec, Section] = field(default_factory=MonitoringSpec)
+    policy: Annotated[list[PolicyRule], Field(description=(
+        "stability rules checked after every stage (early-stop: during it); see README 'Stability policy'"
+    ))] = field(default_factory=list)
     strategy: Annotated[StrategySpec, Section] = field(default_factory=StrategySpec)
     strategies: Annotated[
         list[Annotated[StrategySpec, BeforeValidator(_strategy_input, json_schema_input_type=Str | StrategySpec)]],
@@ -596,8 +656,13 @@ def _resolve_paths(spec: ExperimentSpec, base: Path, environ: Mapping[str, str],
         if model.name.startswith((".", "/", "~")) or local.is_dir():
             model = dataclasses.replace(model, name=str(local.resolve()))
     output_dir = str((base / os.path.expanduser(spec.output_dir)).resolve())
+    evaluation = spec.evaluation
+    if evaluation.calibration_prior and not evaluation.calibration_prior.startswith(("store:", "experiment:")):
+        evaluation = dataclasses.replace(evaluation, calibration_prior=str(
+            (base / os.path.expanduser(evaluation.calibration_prior)).resolve()))
     return dataclasses.replace(
         spec,
+        evaluation=evaluation,
         data_dir=str(data_root) if data_root else "",
         tasks=tasks,
         reference=reference,
@@ -644,6 +709,17 @@ def _validate_values(spec: ExperimentSpec, errors: _Errors) -> ExperimentSpec:
         errors.add("seeds", "duplicate seeds")
     if spec.chat.raw_prompts and spec.chat.system_prompt:
         errors.add("chat.system_prompt", "has no effect with chat.raw_prompts: true")
+    for i, rule in enumerate(spec.policy):
+        where = f"policy[{i}]"
+        if not rule.thresholds:
+            errors.add(where, "needs at least one threshold (kl_mean, kl_p95, margin_drop or accuracy_drop)")
+        if rule.accuracy_drop is not None and rule.signal == "task":
+            errors.add(f"{where}.accuracy_drop", "is measured on the reference set: use signal: reference")
+        if rule.accuracy_drop is not None and rule.action == "early-stop":
+            errors.add(f"{where}.accuracy_drop", "early-stop checks during training, where generating answers "
+                                                 "is too slow: use kl_mean, kl_p95 or margin_drop")
+        if rule.signal == "task" and spec.monitoring.task_drift_examples == 0 and rule.action != "early-stop":
+            errors.add(f"{where}.signal", "task drift is off (monitoring.task_drift_examples: 0)")
 
     return _validate_strategies(spec, errors)
 

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any
 
 import torch
 
-from slmcl.config.spec import ExperimentSpec, LoraSpec, StrategySpec, TaskSpec, TrainingSpec
+from slmcl.config.spec import ExperimentSpec, LoraSpec, MonitoringSpec, StrategySpec, TaskSpec, TrainingSpec
 from slmcl.errors import SpecError
 from slmcl.inference.evaluation import TaskEvaluation, evaluate_tasks, one_task_progress
 from slmcl.inference.stability import (
@@ -47,12 +48,12 @@ from slmcl.models.loading import LoadedModel
 from slmcl.models.lora import ADAPTER_NAME, add_lora, load_adapter_weights, lora_config
 from slmcl.models.lora import save_adapter as save_peft_adapter
 from slmcl.models.lru import LRU
-from slmcl.protocol.drift import DriftRows
+from slmcl.protocol.drift import DriftRows, summarize_drift
 from slmcl.protocol.layout import base_reference_logp_key
 from slmcl.storage.base import ArtifactStore
 from slmcl.tasks.data import Example, file_sha256, load_examples
 from slmcl.tasks.prompts import PromptRenderer
-from slmcl.training.loop import SFTExample, StageTrainResult, build_sft_example, train_stage
+from slmcl.training.loop import SFTExample, StageMonitor, StageTrainResult, build_sft_example, train_stage
 from slmcl.training.strategies import StageContext, StrategyState, get_strategy
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,12 @@ class Engine:
         self._reference: ReferenceSet | None = None
         self._base_logp: torch.Tensor | None = None
         self._base_rows: tuple[str, DriftRows] | None = None  # (p_0 cache key, the base's own drift rows)
+        # The held weights' reference drift, measured for the stability policy and handed once to the
+        # stage's measurement (``drift_rows``), so a checkpoint still costs one forward per reference row.
+        self._policy_rows: DriftRows | None = None
+        self._task_base: dict[str, tuple[torch.Tensor, DriftRows]] = {}  # p_0 of each task's drift prompts
+        self._base_reference_accuracy: tuple[str, float] | None = None
+        self._svd_cache: dict[str, torch.Tensor] = {}  # left singular vectors of base weights (attribution)
 
     @classmethod
     def from_spec(cls, spec: ExperimentSpec) -> Engine:
@@ -155,6 +162,7 @@ class Engine:
         entry = strategy or self.spec.strategy
         impl = get_strategy(entry.name, entry.options)
         self._overrides, self._dense, self._n_stages, self._strategy_name = None, None, n_stages, entry.name
+        self._policy_rows = None
         lora = self.spec.lora if impl.checkpoint == "merged" else impl.adapter_lora(self.spec.lora, n_stages)
         self._select_adapter(self._adapter_for(lora))
         modeling.reset_lora(self.model, seed, self.adapter)
@@ -165,6 +173,7 @@ class Engine:
     def load_checkpoint(self, folder: str | Path) -> StrategyState:
         """Hold a checkpoint of either format; return the strategy state saved beside it (empty if none)."""
         folder = Path(folder)
+        self._policy_rows = None
         if checkpoint_format(folder) == MERGED_FORMAT:
             self._overrides = read_merged_overrides(folder, self.loaded.model)
         else:
@@ -239,11 +248,14 @@ class Engine:
         on_step: Callable[[dict[str, Any]], None] | None = None,
         n_stages: int | None = None,
         strategy: StrategySpec | None = None,
+        store: ArtifactStore | None = None,
     ) -> StageTrainResult:
         """Train one stage; ``strategy_state`` is what the previous stage exported (from its checkpoint
-        folder on resume), and the result's ``strategy_state`` is what the next stage needs."""
+        folder on resume), and the result's ``strategy_state`` is what the next stage needs. The spec's
+        early-stop rules are checked during it (``store`` caches the base distributions they compare to)."""
         spec = self.spec
         entry = strategy or spec.strategy
+        self._policy_rows = None
         self._strategy_name = entry.name
         state = StrategyState() if strategy_state is None else strategy_state.copy()
         if state.strategy and state.strategy != entry.name:
@@ -270,6 +282,7 @@ class Engine:
         result = train_stage(
             ctx.model, sft, training, impl, ctx,
             pad_id=self.loaded.pad_token_id, device=self.loaded.device, generator=generator, on_step=on_step,
+            monitor=self._early_stop_monitor(task, stage, store),
         )
         if merged:
             self._dense = impl.merged_model(ctx, ctx.model)
@@ -376,6 +389,11 @@ class Engine:
             batch_size=self.spec.reference.batch_size, device=self.loaded.device, on_forward=counted,
         )
 
+    def _prompt_logprobs(self, model: Any, prompts: Sequence[list[int]], segments: Sequence[str]) -> torch.Tensor:
+        """Next-token log-probs on prompts other than the reference set (not counted in ``forward_passes``)."""
+        return last_position_logprobs(model, prompts, pad_id=self.loaded.pad_token_id, segments=segments,
+                                      batch_size=self.spec.reference.batch_size, device=self.loaded.device)
+
     def base_logprobs(self, store: ArtifactStore | None = None,
                       p0_cache: LRU[str, torch.Tensor] | None = None) -> torch.Tensor:
         """p_0 on the reference set: memory, then ``p0_cache`` (a replica's bounded cache shared by its
@@ -415,9 +433,155 @@ class Engine:
         """
         if base:
             return self.base_drift_rows(store, p0_cache)
+        if self._policy_rows is not None:  # measured on these very weights for the stability policy
+            rows, self._policy_rows = self._policy_rows, None
+            return rows
         base_logp = self.base_logprobs(store, p0_cache)
         with self._checkpoint_model(merge_adapter=False) as model:
             return drift_rows(self._logprobs(model), base_logp)
+
+    # -- the stability policy's signals (slmcl.protocol.policy) ---------------------------
+    def reference_drift(self, store: ArtifactStore | None = None) -> dict[str, Any]:
+        """The held weights' reference drift, summarized; its rows serve the stage's measurement next."""
+        rows = self.drift_rows(store)
+        self._policy_rows = rows
+        return summarize_drift(rows, self.base_drift_rows(store))
+
+    def _task_prompts(self, task: TaskSpec, n: int) -> tuple[str, list[list[int]]]:
+        """``n`` evenly spaced training prompts of a task (the rows a stage trains on), rendered as for
+        evaluation, and the key of what their base distributions depend on."""
+        rows = load_examples(task.train_file, limit=self.spec.training.max_examples)
+        picked = [rows[i * len(rows) // n] for i in range(n)] if len(rows) > n else rows
+        ids = reference_prompt_ids(self.loaded, self.renderer, [dataclasses.replace(r, task_name=task.name)
+                                                                  for r in picked], {task.name: task.instruction})
+        key = json.dumps([file_sha256(task.train_file), n, self.spec.training.max_examples, task.instruction,
+                          self.renderer.fingerprint(), self.loaded.fingerprint], sort_keys=True, default=str)
+        return key, ids
+
+    def _base_on(self, key: str, prompts: Sequence[list[int]], segment: str) -> tuple[torch.Tensor, DriftRows]:
+        if key not in self._task_base:
+            with self.base_model() as model:
+                logp = self._prompt_logprobs(model, prompts, [segment] * len(prompts))
+            self._task_base[key] = (logp, drift_rows(logp, None))
+        return self._task_base[key]
+
+    def task_drift(self, task: TaskSpec, store: ArtifactStore | None = None) -> dict[str, Any]:
+        """Drift of the held weights from the base on the task's own training prompts (the new-task signal)."""
+        key, ids = self._task_prompts(task, self.spec.monitoring.task_drift_examples)
+        base_logp, base_rows = self._base_on(key, ids, task.name)
+        with self._checkpoint_model(merge_adapter=False) as model:
+            logp = self._prompt_logprobs(model, ids, [task.name] * len(ids))
+        return summarize_drift(drift_rows(logp, base_logp), base_rows)
+
+    def reference_accuracy(self, *, base: bool = False) -> float:
+        """Accuracy on the reference set's own rows by generation, each row scored by its task's kind."""
+        key = self.reference().cache_key
+        if base and self._base_reference_accuracy is not None and self._base_reference_accuracy[0] == key:
+            return self._base_reference_accuracy[1]
+        by_task: dict[str, list[Example]] = {}
+        for row in self.reference().rows:
+            by_task.setdefault(row.task_name, []).append(row)
+        work = [(self._reference_task(name), rows) for name, rows in by_task.items()]
+        evals = self._evaluate(work, base=base, on_progress=None)
+        total = sum(e.total for e in evals)
+        accuracy = sum(e.score_sum for e in evals) / total if total else float("nan")
+        if base:
+            self._base_reference_accuracy = (key, accuracy)
+        return accuracy
+
+    def _reference_task(self, name: str) -> TaskSpec:
+        for t in self.spec.tasks:
+            if t.name == name:
+                return t
+        from slmcl.config.spec import BUILTIN_TASKS
+
+        _, kind, instruction = BUILTIN_TASKS.get(name, ("", "multiple_choice", ""))
+        return TaskSpec(name=name, kind=kind, instruction=instruction)
+
+    def _subset(self, signal: str, n: int, task: TaskSpec, store: ArtifactStore | None,
+                ) -> tuple[list[list[int]], list[str], torch.Tensor, DriftRows]:
+        """Prompts, segments and base distributions of an early-stop check: ``n`` evenly spaced rows."""
+        if signal == "task":
+            key, ids = self._task_prompts(task, n)
+            base_logp, base_rows = self._base_on(key, ids, task.name)
+            return ids, [task.name] * len(ids), base_logp, base_rows
+        ref = self.reference()
+        total = len(ref.rows)
+        idx = [i * total // n for i in range(n)] if total > n else list(range(total))
+        base_logp = self.base_logprobs(store)[idx]
+        return ([ref.prompt_ids[i] for i in idx], [ref.rows[i].task_name for i in idx], base_logp,
+                drift_rows(base_logp, None))
+
+    def _early_stop_monitor(self, task: TaskSpec, stage: int, store: ArtifactStore | None) -> StageMonitor | None:
+        """The check ``train_stage`` runs after optimizer steps: the spec's early-stop rules on the weights
+        being trained (the resident adapter, or a merged strategy's private copy)."""
+        from slmcl.protocol.policy import Signals, crossings
+
+        rules = [(i, r) for i, r in enumerate(self.spec.policy) if r.action == "early-stop"]
+        if not rules:
+            return None
+        subsets = {i: self._subset(r.signal, r.examples, task, store) for i, r in rules}
+
+        def check(model: Any, step: int, total: int) -> list[dict[str, Any]] | None:
+            due = [(i, r) for i, r in rules if step % r.every == 0 or step == total]
+            if not due:
+                return None
+            out = []
+            with torch.no_grad():
+                for i, rule in due:
+                    ids, segments, base_logp, base_rows = subsets[i]
+                    summary = summarize_drift(drift_rows(self._prompt_logprobs(model, ids, segments), base_logp),
+                                              base_rows)
+                    signals = Signals(reference=summary) if rule.signal == "reference" else Signals(task=summary)
+                    out += [{**c, "rule": i} for c in crossings([rule], signals, stage=stage)]
+            return out
+
+        return check
+
+    def attribution(self, monitoring: MonitoringSpec, store: ArtifactStore | None = None) -> list[dict[str, Any]]:
+        """Where the held checkpoint's drift sits: per module and layer, from the weights (and, with
+        ``layer_ablation``, the share of reference KL each layer's update carries)."""
+        from slmcl.inference import attribution as attr
+
+        merged = self._overrides is not None
+        updates = (attr.override_updates(self._overrides or {}, self.loaded.model) if merged
+                   else attr.lora_updates(self.model, self.adapter))
+        rows = attr.attribution_rows(updates, top_k=monitoring.intruder_top_k,
+                                     threshold=monitoring.intruder_threshold, svd_cache=self._svd_cache)
+        if monitoring.layer_ablation:
+            ids, segments, base_logp, base_rows = self._subset("reference", monitoring.layer_ablation_examples,
+                                                               self.spec.tasks[0], store)
+
+            def kl() -> float:
+                with torch.no_grad(), self._checkpoint_model(merge_adapter=False) as model:
+                    logp = self._prompt_logprobs(model, ids, segments)
+                return float(summarize_drift(drift_rows(logp, base_logp), base_rows)["kl_to_base_mean"])
+
+            def disabled(layer: int) -> Any:
+                if not merged:
+                    return attr.lora_layer_disabled(self.model, self.adapter, layer)
+                return self._overrides_without(layer)
+
+            layers = sorted({u.layer for u in updates if u.layer is not None})
+            shares = attr.leave_one_layer_out(kl, layers, disabled)
+            for row in rows:
+                if row["scope"] == "layer":
+                    row["kl_share_removed"] = shares.get(row["layer"])
+        return [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+                for row in rows]
+
+    @contextlib.contextmanager
+    def _overrides_without(self, layer: int) -> Iterator[None]:
+        """A merged checkpoint with one layer's weights back at the base's."""
+        from slmcl.inference.attribution import layer_of
+
+        held = self._overrides
+        assert held is not None
+        self._overrides = {k: v for k, v in held.items() if layer_of(k) != layer}
+        try:
+            yield
+        finally:
+            self._overrides = held
 
     def stability(self, store: ArtifactStore | None = None, *, base: bool = False) -> StabilitySummary:
         """Drift of the current adapter (or of the base itself: KL 0) from the base, summarized."""

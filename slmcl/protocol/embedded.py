@@ -9,6 +9,7 @@ recomputed and no row is written twice.
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import tempfile
@@ -21,7 +22,8 @@ from slmcl.errors import SpecError
 from slmcl.protocol import layout
 from slmcl.protocol.drift import DriftRows
 from slmcl.protocol.events import Event, ProgressCallback
-from slmcl.protocol.records import TrainedStage
+from slmcl.protocol.records import StageRecord, TrainedStage
+from slmcl.protocol.results import read_stages
 from slmcl.protocol.runs import RunPlan, plan_runs
 from slmcl.protocol.stages import (
     BaseEvalCache,
@@ -33,8 +35,10 @@ from slmcl.protocol.stages import (
     commit_base,
     commit_stage,
     measure,
+    stage_tasks,
     train_run,
 )
+from slmcl.protocol.tables import live_estimate
 from slmcl.storage.local import LocalStore
 from slmcl.tasks.data import DataSummary, check_data, load_examples, spec_data_files
 
@@ -53,6 +57,7 @@ _RESUME_IGNORED = ("name", "seeds", "orders", "output_dir", "device")
 def _comparable(spec_dict: dict[str, Any]) -> dict[str, Any]:
     d = {k: v for k, v in spec_dict.items() if k not in _RESUME_IGNORED}
     d.get("evaluation", {}).pop("batch_size", None)
+    d.get("evaluation", {}).pop("calibration_prior", None)  # it changes estimates only, which tables recompute
     d.get("reference", {}).pop("batch_size", None)
     d.get("training", {}).pop("tokens_per_forward", None)
     return d
@@ -114,6 +119,21 @@ def mark_results(tree: ResultsTree, data: dict[str, DataSummary]) -> None:
     if not tree.store.exists(layout.DATA_JSON):
         files = {path: {"sha256": d.sha256, "rows": d.rows, "bytes": d.size} for path, d in data.items()}
         tree.store.put_bytes(layout.DATA_JSON, json.dumps({"files": files}, indent=1, sort_keys=True).encode())
+
+
+def read_prior(path: str) -> list[StageRecord]:
+    """A calibration prior's evaluated stage records; a missing or empty directory is a ``SpecError``."""
+    if not path:
+        return []
+    if path.startswith("experiment:"):
+        raise SpecError(f"evaluation.calibration_prior: {path!r} names a service experiment; `slmcl run` reads a "
+                        "results directory (pull one with `slmcl results ID --out DIR`)")
+    folder = Path(path)
+    records = [r for r in read_stages(LocalStore(folder)) if r.evaluated] if folder.is_dir() else []
+    if not records:
+        raise SpecError(f"evaluation.calibration_prior: {path} holds no evaluated stage records "
+                        "(runs/*/stage-*.json of an slmcl results directory)")
+    return records
 
 
 def task_result(ev: TaskEvaluation) -> TaskResult:
@@ -201,6 +221,11 @@ class ExperimentRunner:
             self._evaluator = LocalEvaluator(self.engine, self.tree, BaseEvalCache(self.tree.store), on_base_eval)
         return self._evaluator
 
+    @functools.cached_property
+    def prior(self) -> list[StageRecord]:
+        """The fully evaluated checkpoints of ``evaluation.calibration_prior`` (another results directory)."""
+        return read_prior(self.spec.evaluation.calibration_prior)
+
     def preflight(self) -> None:
         """Read every data file before the model loads: a bad row fails in a second, not after an hour."""
         for task in self.spec.tasks:
@@ -226,7 +251,7 @@ class ExperimentRunner:
         finally:
             if self._evaluator is not None:
                 self._evaluator.close()
-        tree.write_tables()
+        tree.write_tables(self.prior)
         self.progress(Event("experiment_done", data={"output_dir": spec.output_dir}))
         return Path(spec.output_dir)
 
@@ -237,7 +262,7 @@ class ExperimentRunner:
 
     def _run(self, run: RunPlan, done: set[tuple[str, int]]) -> None:
         spec, rid, order, seed = self.spec, run.run_id, list(run.order), run.seed
-        if all((rid, k) in done for k in range(0, len(order) + 1)):
+        if all((rid, k) in done for k in range(0, self.tree.run_end(rid, len(order)) + 1)):
             self.progress(Event("run_done", rid, data={"skipped": True}))
             return
         self.progress(Event("run_started", rid, data={"order": order, "seed": seed, "strategy": run.strategy}))
@@ -259,14 +284,20 @@ class ExperimentRunner:
                 return
             if not resumed:
                 self.evaluator.resident = trained.checkpoint
+            if not resumed:
+                for record in trained.interventions:
+                    self.progress(Event("intervention", rid, trained.step, trained.task, record))
             t_measure = time.perf_counter()
-            m = measure(self.evaluator, trained.checkpoint, spec.tasks, self._eval_progress(rid, trained.step))
-            commit_stage(self.tree, spec, trained, m)
-            self.tree.write_tables()
+            m = measure(self.evaluator, trained.checkpoint, stage_tasks(spec, trained),
+                        self._eval_progress(rid, trained.step))
+            rec = commit_stage(self.tree, spec, trained, m)
+            records = self.tree.write_tables(self.prior)
             t0 = stage_t0.get(trained.step, t_measure)
             self.progress(Event("stage_done", rid, trained.step, trained.task, {
-                "scores": m.scores, "stability": m.stability, "train_seconds": trained.train.get("seconds"),
-                "seconds": time.perf_counter() - t0, "final_loss": trained.final_loss}))
+                "scores": m.scores, "stability": rec.stability, "train_seconds": trained.train.get("seconds"),
+                "seconds": time.perf_counter() - t0, "final_loss": trained.final_loss,
+                "estimate": None if m.scores else live_estimate(records, rec, self.prior),
+                "action": trained.action}))
 
         train_run(self.engine, self.tree, spec, order, seed, strategy=run.strategy,
                   hooks=RunHooks(on_stage_start=on_stage_start, on_step=on_step, on_trained=on_trained))

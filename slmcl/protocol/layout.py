@@ -12,9 +12,12 @@ writer builds keys with these functions, so a layout change is one edit here.
     checkpoints/<run_id>/step-<k>/             PEFT adapter, or a merged model folder (OSF); + strategy_state.*
     runs/<run_id>/trained-<k>.json             training record of stage k (losses, tokens, seconds)
     runs/<run_id>/stage-<k>.json               committed stage record (scores + drift): the commit point
+    runs/<run_id>/stopped.json                 the stability policy ended the run after this step
     predictions/<run_id>/step-<k>/<task>.jsonl per-example predictions (run "base", step 0: the base model)
     scores.csv, stability.csv, train_loss.csv, summary.json,
-    comparison.csv, comparison.md              tables rebuilt from the stage records
+    comparison.csv, comparison.md,
+    interventions.csv, estimates.csv,
+    drift_attribution.csv                      tables rebuilt from the stage records
 
 Store-wide (outside any experiment): ``datasets/<sha256>.json`` (content-addressed uploads) and
 ``cache/`` (base evaluations and base distributions, keyed by what they depend on).
@@ -31,7 +34,8 @@ RESULTS_MARKER = ".slmcl-results"
 DATA_JSON = "data.json"  # sha256, rows and bytes of every data file the results were made from (checked on resume)
 SPEC_YAML = "spec.yaml"
 EXPERIMENT_JSON = "experiment.json"
-TABLES = ("scores.csv", "stability.csv", "train_loss.csv", "summary.json", "comparison.csv", "comparison.md")
+TABLES = ("scores.csv", "stability.csv", "train_loss.csv", "summary.json", "comparison.csv", "comparison.md",
+          "interventions.csv", "estimates.csv", "drift_attribution.csv")
 BASE_RUN = "base"  # the predictions of step 0 are the base model's, shared by every run
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # a LoRA checkpoint is complete when both exist
 MERGED_FILES = ("config.json", "model.safetensors")  # a merged-model checkpoint (OSF) is complete when both exist
@@ -59,6 +63,11 @@ def stage_key(rid: str, step: int) -> str:
 
 def trained_key(rid: str, step: int) -> str:
     return f"runs/{rid}/trained-{step}.json"
+
+
+def stopped_key(rid: str) -> str:
+    """Written when the stability policy stopped run ``rid``: the step it ended after (no later stage exists)."""
+    return f"runs/{rid}/stopped.json"
 
 
 def runs_prefix(rid: str | None = None) -> str:

@@ -29,6 +29,14 @@ class TrainedStage:
     checkpoint: str
     train: dict[str, Any] = field(default_factory=dict)  # steps (loss, lr, tokens, seconds), examples, tokens, seconds
     strategy: str = "lora"  # the label of the run's strategies entry
+    # The step whose weights this stage started from: step - 1, or earlier after a reverted stage (0: fresh).
+    starts_from: int | None = None
+    # What the stability policy did at this stage (slmcl.protocol.policy): one record per crossed threshold.
+    interventions: list[dict[str, Any]] = field(default_factory=list)
+    # Measured by the training role beside the checkpoint: drift on the stage's own task prompts (before and
+    # after), reference-set accuracy when a rule reads it; merged into the stage record's ``stability``.
+    measured: dict[str, Any] = field(default_factory=dict)
+    attribution: list[dict[str, Any]] = field(default_factory=list)  # drift_attribution.csv rows of this stage
 
     def to_json(self) -> str:
         return _dump(asdict(self))
@@ -37,7 +45,26 @@ class TrainedStage:
     def from_json(cls, text: str | bytes) -> TrainedStage:
         raw = json.loads(text)
         return cls(**{k: raw[k] for k in ("run_id", "order", "seed", "step", "task", "checkpoint")},
-                   train=raw.get("train", {}), strategy=raw.get("strategy", "lora"))
+                   train=raw.get("train", {}), strategy=raw.get("strategy", "lora"),
+                   starts_from=raw.get("starts_from"), interventions=raw.get("interventions", []),
+                   measured=raw.get("measured", {}), attribution=raw.get("attribution", []))
+
+    @property
+    def start(self) -> int:
+        """The step whose weights this stage started from."""
+        return self.step - 1 if self.starts_from is None else self.starts_from
+
+    @property
+    def action(self) -> str | None:
+        """The strongest action the policy took at this stage (None: healthy)."""
+        from slmcl.protocol.policy import strongest
+
+        return strongest(self.interventions)
+
+    @property
+    def next_start(self) -> int:
+        """The step whose weights the next stage starts from: this one, unless it was reverted."""
+        return self.start if self.action == "revert" else self.step
 
     @property
     def final_loss(self) -> float | None:
@@ -64,6 +91,20 @@ class StageRecord:
     # The checkpoint's size in bytes and the strategy's trainable parameters (the comparison table reads them).
     checkpoint_bytes: int = 0
     trainable_params: int = 0
+    starts_from: int | None = None  # see TrainedStage
+    interventions: list[dict[str, Any]] = field(default_factory=list)  # the policy's records of this stage
+    attribution: list[dict[str, Any]] = field(default_factory=list)  # where this checkpoint's drift sits
+
+    @property
+    def evaluated(self) -> bool:
+        """Whether every task was evaluated here (``evaluation.every`` skips stages between full evaluations)."""
+        return bool(self.scores)
+
+    @property
+    def action(self) -> str | None:
+        from slmcl.protocol.policy import strongest
+
+        return strongest(self.interventions)
 
     def to_json(self) -> str:
         return _dump(asdict(self))

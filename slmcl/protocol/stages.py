@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from slmcl.errors import NotFoundError
-from slmcl.protocol import layout
+from slmcl.protocol import layout, policy
 from slmcl.protocol.drift import DriftRows, summarize_drift
 from slmcl.protocol.records import StageRecord, TrainedStage
 from slmcl.protocol.results import read_stages
@@ -91,6 +91,17 @@ class ResultsTree:
                 return k
         return 0
 
+    def run_end(self, rid: str, n_stages: int) -> int:
+        """The last stage of a run: ``n_stages``, or the stage after which the stability policy stopped it."""
+        key = layout.stopped_key(rid)
+        if not self.store.exists(key):
+            return n_stages
+        return int(json.loads(self.store.get_bytes(key))["step"])
+
+    def write_stopped(self, rid: str, step: int, interventions: list[dict[str, Any]]) -> None:
+        self.store.put_bytes(layout.stopped_key(rid), json.dumps(
+            {"step": step, "interventions": interventions}, indent=1, sort_keys=True).encode())
+
     def save_checkpoint(self, rid: str, step: int, local_dir: Path) -> str:
         """Upload an adapter folder (a no-op when the folder already is the store's own)."""
         prefix = layout.checkpoint_prefix(rid, step)
@@ -123,10 +134,14 @@ class ResultsTree:
             self.store.put_bytes(key, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())
         self.store.put_bytes(layout.stage_key(record.run_id, record.step), record.to_json().encode())
 
-    def write_tables(self) -> list[StageRecord]:
-        """Rebuild the tables from the records; returns the records it read (callers count them)."""
+    def write_tables(self, prior: Sequence[StageRecord] = ()) -> list[StageRecord]:
+        """Rebuild the tables from the records; returns the records it read (callers count them).
+
+        ``prior``: fully evaluated checkpoints of other experiments that also calibrate the accuracy
+        estimate (``evaluation.calibration_prior``).
+        """
         records = self.records()
-        write_tables(self.store, records)
+        write_tables(self.store, records, prior=prior)
         return records
 
 
@@ -232,14 +247,24 @@ def commit_base(tree: ResultsTree, spec: ExperimentSpec, m: Measurement) -> list
     return committed
 
 
+def stage_tasks(spec: ExperimentSpec, trained: TrainedStage) -> list[TaskSpec]:
+    """The tasks a trained stage is evaluated on: all of them every ``evaluation.every`` stages and at a
+    run's last stage (its planned last, or the one the policy stopped it after); none in between, where
+    drift alone is measured and the tables estimate accuracy from it."""
+    every = spec.evaluation.every
+    last = trained.step == len(trained.order) or trained.action == "stop"
+    return list(spec.tasks) if every == 1 or last or trained.step % every == 0 else []
+
+
 def commit_stage(tree: ResultsTree, spec: ExperimentSpec, trained: TrainedStage, m: Measurement) -> StageRecord:
     rec = StageRecord(
         trained.run_id, list(trained.order), trained.seed, trained.step, trained.task, spec.model.name,
-        m.scores, m.stability, train=trained.train, checkpoint=trained.checkpoint,
+        m.scores, {**m.stability, **trained.measured}, train=trained.train, checkpoint=trained.checkpoint,
         timing={"train_seconds": float(trained.train.get("seconds", 0.0)), "eval_seconds": m.eval_seconds,
                 "stability_seconds": m.stability_seconds},
         strategy=trained.strategy, checkpoint_bytes=int(trained.train.get("checkpoint_bytes", 0)),
         trainable_params=int(trained.train.get("trainable_params", 0)),
+        starts_from=trained.start, interventions=list(trained.interventions), attribution=list(trained.attribution),
     )
     tree.commit(rec, m.predictions)
     return rec
@@ -249,8 +274,11 @@ def base_runs_missing(tree: ResultsTree, spec: ExperimentSpec) -> bool:
     return any(not tree.is_committed(run.run_id, 0) for run in plan_runs(spec))
 
 
-def expected_records(spec: ExperimentSpec) -> int:
-    return sum(len(run.order) + 1 for run in plan_runs(spec))
+def expected_records(spec: ExperimentSpec, tree: ResultsTree | None = None) -> int:
+    """Stage records of a finished experiment: base + every stage of each run (up to where a policy stopped it)."""
+    if tree is None:
+        return sum(len(run.order) + 1 for run in plan_runs(spec))
+    return sum(tree.run_end(run.run_id, len(run.order)) + 1 for run in plan_runs(spec))
 
 
 # ---------------------------------------------------------------------------------------
@@ -274,55 +302,110 @@ def train_run(engine: Engine, tree: ResultsTree, spec: ExperimentSpec, order: Se
               scratch: Path | None = None) -> list[int]:
     """Train the stages of run (order, seed) that are not trained yet; returns the steps trained now.
 
-    Resumes after the last trained stage from its checkpoint and strategy state, exactly as if never
-    interrupted (each stage seeds its own random streams).
+    Resumes after the last trained stage from its checkpoint and strategy state (or, when that stage
+    was reverted, from the last healthy one), exactly as if never interrupted (each stage seeds its own
+    random streams). After each stage the stability policy reads the drift of the weights just trained
+    and decides: a ``stop`` ends the run there, a ``revert`` makes the next stage start from the weights
+    this one started from; the decision is in the training record, so a resumed run follows it.
     """
     hooks = hooks or RunHooks()
     order = list(order)
     rid = layout.run_id(order, seed, strategy)
     entry = spec.strategy_entry(strategy)
-    done = tree.last_trained(rid, len(order))
+    end = tree.run_end(rid, len(order))
+    done = tree.last_trained(rid, end)
     for k in range(1, done + 1):
         hooks.on_trained(tree.read_trained(rid, k), True)
-    if done == len(order):
+    if done == end:
         return []
     tmp = Path(tempfile.mkdtemp(dir=scratch, prefix=f"train-{rid}-"))
     try:
-        engine.start_run(seed, entry, n_stages=len(order))
-        state = None
-        if done:
-            state = engine.load_checkpoint(tree.local_checkpoint(layout.checkpoint_prefix(rid, done), tmp))
+        start = tree.read_trained(rid, done).next_start if done else 0
+        state = _hold(engine, tree, rid, seed, entry, len(order), start, tmp)
         trained_now = []
         for step in range(done + 1, len(order) + 1):
             hooks.check_stop()
             task_name = order[step - 1]
+            task = spec.task(task_name)
             hooks.on_stage_start(step, task_name)
+            before = engine.task_drift(task, tree.store) if spec.monitoring.task_drift_examples else None
 
             def on_step(info: dict[str, Any], _s: int = step) -> None:  # _s binds this stage's step
                 hooks.on_step(_s, info)
 
-            result = engine.train(run_id=rid, seed=seed, stage=step, task=spec.task(task_name),
+            result = engine.train(run_id=rid, seed=seed, stage=step, task=task,
                                   previous_tasks=order[: step - 1], strategy_state=state, on_step=on_step,
-                                  n_stages=len(order), strategy=entry)
-            state = result.strategy_state
+                                  n_stages=len(order), strategy=entry, store=tree.store)
             local = (tree.store.path(layout.checkpoint_prefix(rid, step)) if isinstance(tree.store, LocalStore)
                      else tmp / f"step-{step}")
-            engine.save_checkpoint(local, strategy_state=state)
+            engine.save_checkpoint(local, strategy_state=result.strategy_state)
             size = sum(f.stat().st_size for f in Path(local).rglob("*") if f.is_file())
             prefix = tree.save_checkpoint(rid, step, local)
+            measured, interventions = _after_stage(engine, tree, spec, task, step, before, result)
             trained = TrainedStage(rid, order, seed, step, task_name, prefix, train={
                 "steps": [s.__dict__ for s in result.steps], "examples": result.examples, "tokens": result.tokens,
                 "padded_fraction": result.padded_fraction, "seconds": result.seconds,
-                "trainable_params": result.trainable_params, "checkpoint_bytes": size}, strategy=strategy)
+                "trainable_params": result.trainable_params, "checkpoint_bytes": size}, strategy=strategy,
+                starts_from=start, interventions=interventions, measured=measured,
+                attribution=engine.attribution(spec.monitoring, tree.store) if spec.monitoring.attribution else [])
+            if trained.action == "stop":  # before the record: a crash between the two retrains this stage alike
+                tree.write_stopped(rid, step, interventions)
             tree.write_trained(trained)
             trained_now.append(step)
             hooks.on_trained(trained, False)
+            if trained.action == "stop":
+                break
+            if trained.action == "revert":
+                state = _hold(engine, tree, rid, seed, entry, len(order), start, tmp)
+            else:
+                start, state = step, result.strategy_state
         return trained_now
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _hold(engine: Engine, tree: ResultsTree, rid: str, seed: int, entry: Any, n_stages: int, step: int,
+          tmp: Path) -> Any:
+    """Make the engine hold the weights of stage ``step`` of the run (0: the run's fresh start, which is
+    deterministic in the seed); returns the strategy state the next stage continues from."""
+    engine.start_run(seed, entry, n_stages=n_stages)
+    if not step:
+        return None
+    return engine.load_checkpoint(tree.local_checkpoint(layout.checkpoint_prefix(rid, step), tmp))
+
+
+def _after_stage(engine: Engine, tree: ResultsTree, spec: ExperimentSpec, task: TaskSpec, step: int,
+                 before: dict[str, Any] | None, result: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The signals of the weights a stage just trained, and what the stability policy makes of them."""
+    rules = spec.policy
+    measured: dict[str, Any] = {}
+    task_after = None
+    if before is not None:
+        task_after = engine.task_drift(task, tree.store)
+        measured.update(task_drift_columns(before, task_after))
+    reference = engine.reference_drift(tree.store) if policy.needs(rules, "reference") else None
+    accuracy = base_accuracy = None
+    if policy.needs(rules, "accuracy"):
+        accuracy, base_accuracy = engine.reference_accuracy(), engine.reference_accuracy(base=True)
+        measured.update({"reference_accuracy": accuracy, "base_reference_accuracy": base_accuracy})
+    signals = policy.Signals(reference, task_after, accuracy, base_accuracy)
+    interventions = list(result.interventions) + policy.crossings(
+        rules, signals, stage=step, actions=("alert", "stop", "revert"))
+    return measured, interventions
+
+
+def task_drift_columns(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """The new-task drift signal as stability columns: KL to base on the stage's own prompts, after and before."""
+    out: dict[str, Any] = {"task_drift_examples": after.get("num_reference_examples")}
+    for key in ("kl_to_base_mean", "kl_to_base_p95", "entropy_delta_mean", "margin_delta_mean"):
+        out[f"task_{key}"] = after.get(key)
+    for key in ("kl_to_base_mean", "kl_to_base_p95"):
+        out[f"task_{key}_before"] = before.get(key)
+    return out
+
+
 __all__ = [
     "BaseEvalCache", "CheckpointEvaluator", "EvalProgress", "Measurement", "ResultsTree", "RunHooks", "TaskResult",
-    "base_runs_missing", "commit_base", "commit_stage", "expected_records", "measure", "train_run",
+    "base_runs_missing", "commit_base", "commit_stage", "expected_records", "measure", "stage_tasks",
+    "task_drift_columns", "train_run",
 ]

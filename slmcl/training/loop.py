@@ -93,9 +93,15 @@ class StepRecord:
     strategy_loss: float | None = None
 
 
+# Early-stop: called after every optimizer step with (model, step, total steps); returns None when it did
+# not check at this step, [] when the weights are healthy, else the crossing records (slmcl.protocol.policy).
+StageMonitor = Callable[[Any, int, int], "list[dict[str, Any]] | None"]
+
+
 @dataclass
 class StageTrainResult:
     steps: list[StepRecord] = field(default_factory=list)
+    interventions: list[dict[str, Any]] = field(default_factory=list)  # an early stop, with where it happened
     examples: int = 0
     seconds: float = 0.0
     strategy_state: StrategyState = field(default_factory=StrategyState)
@@ -159,6 +165,16 @@ def weighted_chunk_loss(
 ProgressFn = Callable[[dict[str, Any]], None]
 
 
+def _snapshot(params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in params]
+
+
+def _restore(params: Sequence[torch.Tensor], saved: Sequence[torch.Tensor]) -> None:
+    with torch.no_grad():
+        for p, v in zip(params, saved, strict=True):
+            p.copy_(v)
+
+
 def train_stage(
     model: Any,
     sft: Sequence[SFTExample],
@@ -170,8 +186,14 @@ def train_stage(
     device: torch.device,
     generator: torch.Generator,
     on_step: ProgressFn | None = None,
+    monitor: StageMonitor | None = None,
 ) -> StageTrainResult:
-    """Train the adapter on one task; raise ``TrainingError`` on a non-finite loss."""
+    """Train the adapter on one task; raise ``TrainingError`` on a non-finite loss.
+
+    With a ``monitor`` (the early-stop rules), the trainable weights are copied at every healthy check
+    (and at the start); when a check crosses, they are put back and the stage ends there, so the stage's
+    checkpoint is the last healthy weights and the optimizer steps after them are dropped.
+    """
     strategy.on_stage_start(ctx)  # first: it may add parameters (ProCL's router) or freeze some
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=spec.lr, weight_decay=spec.weight_decay)  # fresh each stage
@@ -182,6 +204,7 @@ def train_stage(
     model.train()
     t_stage = time.perf_counter()
     completed = False
+    healthy = (0, _snapshot(trainable)) if monitor is not None else None
     try:
         for step_idx, micro_batches in enumerate(plan, start=1):
             t0 = time.perf_counter()
@@ -225,6 +248,17 @@ def train_stage(
                          "examples_done": done, "examples_total": len(sft) * spec.epochs,
                          "examples_per_s": done / elapsed if elapsed > 0 else math.nan,
                          "tokens_per_s": sum(s.tokens for s in result.steps) / elapsed if elapsed > 0 else math.nan})
+            if monitor is not None and healthy is not None:
+                model.eval()
+                crossed = monitor(model, step_idx, len(plan))
+                model.train()
+                if crossed == []:
+                    healthy = (step_idx, _snapshot(trainable))
+                elif crossed:
+                    _restore(trainable, healthy[1])
+                    result.interventions = [{**c, "at_step": step_idx, "kept_step": healthy[0],
+                                             "total_steps": len(plan)} for c in crossed]
+                    break
         completed = True
     finally:
         optimizer.zero_grad(set_to_none=True)

@@ -10,6 +10,7 @@ import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -268,3 +269,56 @@ def test_two_strategies_equal_the_embedded_run(shared_trio: Trio, tiny_model_dir
     assert [(o["strategy"], o["metrics"]) for o in s_sum["orders"]] == [
         (o["strategy"], o["metrics"]) for o in e_sum["orders"]]
     assert [r["strategy"] for r in _csv(out / "comparison.csv")] == ["olora", "osf"]
+
+
+def _numbers_close(a: Any, b: Any, where: str) -> None:
+    """Equal records, numbers to fp32's precision (the services' forwards run on one thread, these on two)."""
+    if isinstance(a, dict):
+        assert set(a) == set(b), where
+        for k in a:
+            _numbers_close(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, list):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _numbers_close(x, y, f"{where}[{i}]")
+    elif isinstance(a, float) and not isinstance(a, bool):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-6), where
+    else:
+        assert a == b, where
+
+
+@pytest.mark.slow
+def test_stability_policy_and_sparse_evaluation_equal_the_embedded_run(shared_trio: Trio, tiny_model_dir: Path,
+                                                                       data_dir: Path, tmp_path: Path) -> None:
+    """A revert decided by the trainer, stages measured without task evaluation between full ones, the
+    new-task drift and the attribution: the same records and tables as `slmcl run`, and `watch` sees the
+    intervention when it happens."""
+    import json
+
+    trio = shared_trio
+    raw = tiny_spec_dict(tiny_model_dir, data_dir, tmp_path / "embedded", tasks=["fomc", "scienceqa", "numgluecm"],
+                         training={"lr": 0.05, "max_examples": 8}, evaluation={"every": 2},
+                         monitoring={"task_drift_examples": 4},
+                         policy=[{"action": "revert", "kl_mean": 0.03}, {"action": "alert", "kl_p95": 0.035}])
+    spec = spec_from_dict(raw)
+    ExperimentRunner(spec).run()
+
+    client = MonitorClient(trio.monitor_address)
+    exp = client.submit(spec)
+    events = _watch_to_end(client, exp.id, trio)
+    assert events[-1].kind == "experiment_done" and events[-1].state == monitor_pb2.SUCCEEDED, trio.tail()
+    acted = [(e.step, json.loads(e.data_json)["action"]) for e in events if e.kind == "intervention"]
+    assert acted == [(2, "revert"), (2, "alert")]
+
+    out = client.results(exp.id, tmp_path / "service")
+    emb = tmp_path / "embedded"
+    rid = "fomc.scienceqa.numgluecm-s7"
+    for step in range(4):
+        s = json.loads((out / "runs" / rid / f"stage-{step}.json").read_text())
+        e = json.loads((emb / "runs" / rid / f"stage-{step}.json").read_text())
+        for field in ("scores", "stability", "interventions", "starts_from", "attribution", "checkpoint"):
+            _numbers_close(s[field], e[field], f"stage {step} {field}")
+    assert json.loads((out / "runs" / rid / "stage-3.json").read_text())["starts_from"] == 1
+    assert json.loads((out / "runs" / rid / "stage-1.json").read_text())["scores"] == {}
+    assert [r["kind"] for r in _csv(out / "estimates.csv")] == [r["kind"] for r in _csv(emb / "estimates.csv")]
+    assert _csv(out / "interventions.csv")[0]["action"] == "revert"
