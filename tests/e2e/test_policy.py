@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from slmcl.cli.main import main
 from slmcl.config.spec import spec_from_dict
 from slmcl.models.lora import adapter_state
 from slmcl.protocol.embedded import ExperimentRunner
@@ -175,10 +176,11 @@ def test_early_stop_ends_the_stage_before_it_crosses(tiny_model_dir: Path, data_
 
 @pytest.mark.slow
 def test_evaluation_every_estimates_accuracy_between_full_evaluations(tiny_model_dir: Path, data_dir: Path,
-                                                                      tmp_path: Path) -> None:
+                                                                      tmp_path: Path, capsys: Any) -> None:
     out = tmp_path / "out"
     spec = _spec(tiny_model_dir, data_dir, out, [], evaluation={"every": 2},
-                 monitoring={"task_drift_examples": 0, "attribution": True})
+                 monitoring={"task_drift_examples": 0, "attribution": True, "layer_ablation": True,
+                             "layer_ablation_examples": 4})
     events = _run(spec)
     assert _record(out, 1)["scores"] == {}  # between full evaluations: drift only
     assert _record(out, 1)["stability"]["kl_to_base_mean"] > 0
@@ -195,4 +197,15 @@ def test_evaluation_every_estimates_accuracy_between_full_evaluations(tiny_model
     # the attribution of every stage is written, module and layer rows of the tiny model's 2 layers
     attribution = _csv(out / "drift_attribution.csv")
     assert {r["step"] for r in attribution} == {"1", "2", "3"}
-    assert {r["layer"] for r in attribution if r["scope"] == "layer"} == {"0", "1"}
+    layers = [r for r in attribution if r["scope"] == "layer"]
+    assert {r["layer"] for r in layers} == {"0", "1"}
+    assert all(r["kl_share_removed"] != "" for r in layers)  # the leave-one-layer-out pass ran
+    assert all(r["kl_share_removed"] == "" for r in attribution if r["scope"] == "module")
+
+    # the tables are derived: deleted, `slmcl tables` rebuilds them from the records and prints the report
+    (out / "estimates.csv").unlink()
+    assert main(["tables", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "ESTIMATED average accuracy" in printed and "fewer than 6" in printed and "Where the drift sits" in printed
+    assert _csv(out / "estimates.csv")[1]["kind"] == "estimated"
+    assert main(["tables", str(tmp_path)]) == 2  # not a results directory: one line, exit 2
