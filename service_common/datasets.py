@@ -76,7 +76,8 @@ def parse_spec_json(text: str) -> ExperimentSpec:
     if not isinstance(raw, dict):
         raise SpecError(f"spec_json: expected a JSON object (a resolved spec), got {type(raw).__name__}")
     spec = spec_from_dict(raw, check_files=False, source="in spec_json")
-    check_model(spec.model)  # the operator's model policy, whatever the spec asks (PermissionDeniedError)
+    for model in spec.models:  # the operator's model policy, whatever the spec asks (PermissionDeniedError)
+        check_model(model)
     return spec
 
 

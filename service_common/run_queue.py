@@ -25,8 +25,8 @@ ACTIVE = (JobStatus.QUEUED, JobStatus.STARTED, JobStatus.DEFERRED, JobStatus.SCH
 
 
 def enqueue_run(queue: Queue, exp_id: str, order: Sequence[str], seed: int,
-                strategy: str = DEFAULT_STRATEGY) -> Job:
-    """Enqueue ``train_run(exp_id, order, seed, strategy)`` as job ``keys.train_job_id(exp_id, run_id)``.
+                strategy: str = DEFAULT_STRATEGY, model: str = "") -> Job:
+    """Enqueue ``train_run(exp_id, order, seed, strategy, model)`` as job ``keys.train_job_id(exp_id, run_id)``.
 
     Idempotent while the run is queued or started (the existing job is returned). A finished,
     failed or stopped job of the same id is replaced by a fresh one (3 retries again); the new job
@@ -34,12 +34,13 @@ def enqueue_run(queue: Queue, exp_id: str, order: Sequence[str], seed: int,
     """
     queue = Queue(queue.name, connection=queue.connection, serializer=JSONSerializer)  # workers read JSON
     order = [str(t) for t in order]
-    rid = run_id(order, int(seed), strategy)
+    rid = run_id(order, int(seed), strategy, model)
     job_id = keys.train_job_id(exp_id, rid)
     for _ in range(10):
         try:
             return queue.enqueue_call(
-                TRAIN_FUNC, args=[exp_id, order, int(seed), strategy], job_id=job_id, unique=True,
+                TRAIN_FUNC, args=[exp_id, order, int(seed), strategy, *([model] if model else [])], job_id=job_id,
+                unique=True,
                 timeout=JOB_TIMEOUT, result_ttl=RESULT_TTL, failure_ttl=FAILURE_TTL, retry=Retry(max=RETRIES),
                 description=f"train {exp_id} {rid}",
             )

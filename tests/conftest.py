@@ -59,9 +59,33 @@ def build_tiny_model(out: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
     return out
 
 
+def build_tiny_qwen(out: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
+    """A second architecture for several-model experiments: a 2-layer Qwen2 with the same tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True, bos_token_id=1,
+        eos_token_id=2, pad_token_id=2,
+    )
+    model = Qwen2ForCausalLM(cfg)
+    model.generation_config.eos_token_id = 2
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, embedded_dir: Path) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"), embedded_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_dir(tmp_path_factory: pytest.TempPathFactory, embedded_dir: Path) -> Path:
+    return build_tiny_qwen(tmp_path_factory.mktemp("tiny-qwen"), embedded_dir)
 
 
 def tiny_spec_dict(model_dir: Path, data_dir: Path, out: Path, **overrides: Any) -> dict[str, Any]:

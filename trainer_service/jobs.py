@@ -187,7 +187,8 @@ def load_spec(store: ArtifactStore, settings: Settings, experiment_id: str) -> E
 
     raw = json.loads(store.get_bytes(f"{layout.experiment_prefix(experiment_id)}/{layout.SPEC_JSON}"))
     spec = spec_from_dict(raw, check_files=False, source=f"experiments/{experiment_id}/spec.json")
-    check_model(spec.model)  # again here: a spec already in the store never made this worker run a model's code
+    for model in spec.models:  # again here: a spec already in the store never made this worker run a model's code
+        check_model(model)
     if settings.device != "auto":  # the worker's hardware decides (SLMCL_DEVICE)
         spec = dataclasses.replace(spec, device=settings.device)
     return localize(spec, store, settings.work_dir)
@@ -205,15 +206,16 @@ def _retries_left() -> int:
 
 
 def train_run(experiment_id: str, order: list[str], seed: int, strategy: str = layout.DEFAULT_STRATEGY,
-              ) -> dict[str, Any]:
-    """RQ job (JSON arguments): train the run (order, seed, strategy) of an experiment, resuming from the store."""
+              model: str = "") -> dict[str, Any]:
+    """RQ job (JSON arguments): train the run (order, seed, strategy, model) of an experiment, resuming from
+    the store; ``model`` is the label of the spec's models entry ("" in a one-model experiment)."""
     settings = Settings()
-    order, seed, strategy = [str(t) for t in order], int(seed), str(strategy)
-    rid = layout.run_id(order, seed, strategy)
+    order, seed, strategy, model = [str(t) for t in order], int(seed), str(strategy), str(model)
+    rid = layout.run_id(order, seed, strategy, model)
     r = redis_from_url(settings.redis_url)  # waits out a Redis restart (SLMCL_RETRY_BUDGET_SECONDS)
     events = RunEvents(r, experiment_id, rid)
     try:
-        return _train_run(settings, r, events, experiment_id, order, seed, strategy, rid)
+        return _train_run(settings, r, events, experiment_id, order, seed, strategy, rid, model)
     except CancelledError as exc:
         _publish_quietly(events, "run_cancelled", {"reason": str(exc)})
         raise
@@ -237,12 +239,12 @@ def _publish_quietly(events: RunEvents, kind: str, data: dict[str, Any]) -> None
 
 
 def _train_run(settings: Settings, r: redis.Redis, events: RunEvents, experiment_id: str, order: list[str],
-               seed: int, strategy: str, rid: str) -> dict[str, Any]:
+               seed: int, strategy: str, rid: str, model: str = "") -> dict[str, Any]:
     t_job = time.perf_counter()
     _check_stop(r, experiment_id)
     store = open_store(settings.store_url)
     tree = ResultsTree(PrefixedStore(store, layout.experiment_prefix(experiment_id)))
-    spec = load_spec(store, settings, experiment_id)
+    spec = load_spec(store, settings, experiment_id).for_model(model)  # SpecError on an unknown model
     for name in order:
         spec.task(name)  # SpecError on an unknown task, before the model loads
     spec.strategy_entry(strategy)  # and on an unknown strategy entry

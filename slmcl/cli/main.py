@@ -78,6 +78,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from slmcl.errors import NotFoundError
+
+    results = Path(args.results)
+    if not results.is_dir():
+        raise NotFoundError(f"{results}: no such results directory (for an experiment of the services: "
+                            f"`slmcl results {args.results} --out DIR` pulls it with its report)")
+    try:
+        from slmcl.report import build_report
+    except ImportError as exc:  # matplotlib: the report extra
+        raise NotFoundError(f"the report needs matplotlib ({exc}): pip install 'slmcl[report]'") from None
+    print(build_report(results, args.out or results / "report"))
+    return 0
+
+
 def cmd_tables(args: argparse.Namespace) -> int:
     from slmcl.errors import NotFoundError
     from slmcl.protocol.embedded import read_prior
@@ -102,7 +117,9 @@ def cmd_tables(args: argparse.Namespace) -> int:
 def cmd_metrics(args: argparse.Namespace) -> int:
     from slmcl import metrics as mx
 
-    rows = mx.read_scores_csv(args.scores)
+    rows = mx.read_scores_csv(args.scores, last_row_wins=True)  # a re-run appends: its rows correct the earlier
+    for warning in rows.warnings:
+        print(f"slmcl: warning: {warning}", file=sys.stderr)
     order = [t.strip() for t in args.task_order.split(",") if t.strip()] if args.task_order else None
     groups = mx.metrics_for_scores(rows, order)
     if args.json:
@@ -162,6 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("spec")
     v.set_defaults(func=cmd_validate)
 
+    rp = sub.add_parser("report", help="tables (Markdown, CSV, LaTeX), figures (PNG, SVG) and one self-contained "
+                                       "HTML page of a results directory")
+    rp.add_argument("results", help="an slmcl results directory")
+    rp.add_argument("--out", help="where to write it (default RESULTS/report); files of yours there are kept")
+    rp.set_defaults(func=cmd_report)
+
     t = sub.add_parser("tables", help="rebuild a results directory's tables from its stage records, and print them")
     t.add_argument("results", help="an slmcl results directory")
     t.add_argument("--prior", help="a results directory whose evaluated checkpoints also calibrate the estimates")
@@ -169,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("metrics", help="CL metrics from a long-format scores CSV")
     m.add_argument("--scores", required=True, help="CSV with seed,step,checkpoint_task,eval_task,accuracy")
-    m.add_argument("--task-order", help="t1,t2,... (default: read from the checkpoint_task of steps 1..K)")
+    m.add_argument("--task-order", help=("t1,t2,... (default: the order column when it lists the tasks, else the "
+                                         "checkpoint_task of steps 1..K)"))
     m.add_argument("--json", action="store_true")
     m.set_defaults(func=cmd_metrics)
 

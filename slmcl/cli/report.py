@@ -36,16 +36,17 @@ def render_results(path: str | Path) -> str:
     res = read_results(path)
     parts = [f"results: {path}"]
     several = len({e.get("strategy", "lora") for e in res.summary["orders"]}) > 1
+    models = len({e.get("model") for e in res.summary["orders"]}) > 1
     for entry in res.summary["orders"]:
         order = entry["order"]
         seeds = entry["seeds"]
         strategy = entry.get("strategy", "lora")
-        head = f"strategy {strategy}, " if several else ""
+        head = (f"model {entry.get('model')}, " if models else "") + (f"strategy {strategy}, " if several else "")
         parts.append(f"\n== {head}order {' -> '.join(order)}  (seeds {', '.join(map(str, seeds))}; mean over seeds) ==")
         matrix = {int(k): v for k, v in entry["matrix_mean"].items()}
         parts.append("\nAccuracy matrix (rows: checkpoint, columns: task)\n" + mx.format_matrix(matrix, order))
-        aggregates = mx.aggregate_seeds(
-            [mx.step_metrics(m, order) for m in mx.matrices_by_seed(_score_rows(res, order, strategy)).values()])
+        aggregates = mx.aggregate_seeds([mx.step_metrics(m, order) for m in mx.matrices_by_seed(
+            _score_rows(res, order, strategy, entry.get("model"))).values()])
         parts.append("\nContinual-learning metrics\n" + mx.format_metrics_table(aggregates))
         stab_rows = []
         for k, v in sorted(((int(k), v) for k, v in entry["stability_mean"].items())):
@@ -54,7 +55,7 @@ def render_results(path: str | Path) -> str:
                               v.get("entropy_delta_mean"), v.get("margin_mean"), v.get("margin_delta_mean")])
         parts.append("\nStability on the reference set (nats)\n" + format_table(
             ["checkpoint", "KL mean", "KL p95", "entropy", "Δentropy", "margin", "Δmargin"], stab_rows))
-    if several:
+    if several or models:
         parts.append("\n" + render_comparison(res.comparison))
     parts += render_self_aware(res.records, res.summary)
     return "\n".join(parts)
@@ -122,17 +123,23 @@ def render_comparison(rows: Sequence[dict[str, Any]]) -> str:
             return f"{v:.1f}"
         return float(v)
 
-    body = [[r["strategy"], r["runs"]] + [cell(r, n) for n, _ in COMPARISON_VALUES] for r in rows]
     models = sorted({str(r["model"]) for r in rows})
+    if len(models) > 1:  # the stability fingerprints of several models side by side
+        body = [[r["model"], r["strategy"], r["runs"]] + [cell(r, n) for n, _ in COMPARISON_VALUES] for r in rows]
+        title = "Models compared (mean over each model's runs; comparison.csv has the std)"
+        return title + "\n" + format_table(["model", "strategy", "runs"] + [label for _, label in COMPARISON_VALUES],
+                                           body)
+    body = [[r["strategy"], r["runs"]] + [cell(r, n) for n, _ in COMPARISON_VALUES] for r in rows]
     title = f"Strategies compared ({', '.join(models)}; mean over each strategy's runs; comparison.csv has the std)"
     return title + "\n" + format_table(["strategy", "runs"] + [label for _, label in COMPARISON_VALUES], body)
 
 
-def _score_rows(res: Any, order: Sequence[str], strategy: str = "lora") -> list[Any]:
+def _score_rows(res: Any, order: Sequence[str], strategy: str = "lora", model: str | None = None) -> list[Any]:
     from slmcl import metrics as mx
     from slmcl.protocol.layout import order_id
     from slmcl.protocol.tables import score_rows
 
-    recs = [r for r in res.records if list(r.order) == list(order) and r.strategy == strategy]
+    recs = [r for r in res.records if list(r.order) == list(order) and r.strategy == strategy
+            and (model is None or r.model == model)]
     return [mx.ScoreRow(seed=x["seed"], step=x["step"], checkpoint_task=x["checkpoint_task"], eval_task=x["eval_task"],
                         accuracy=x["accuracy"], order=order_id(order), model=x["model"]) for x in score_rows(recs)]

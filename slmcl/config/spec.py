@@ -122,6 +122,17 @@ class ModelSpec:
     trust_remote_code: Bool = False
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     revision: Str | None = None
+    label: Annotated[Str | None, Field(description=(
+        "this model's name in run ids and tables when an experiment has several (default: from its name)"))] = None
+
+    @property
+    def key(self) -> str:
+        """The model's label: ``label``, else its name's last part, lowercased (``embedded:gemma3-270m`` ->
+        ``gemma3-270m``, ``Qwen/Qwen3.5-0.8B`` -> ``qwen3.5-0.8b``, a folder -> the folder's name)."""
+        if self.label:
+            return self.label
+        tail = re.split(r"[:/\\]", self.name.rstrip("/\\"))[-1].lower()
+        return re.sub(r"[^a-z0-9_.-]+", "-", tail).strip("-.") or "model"
 
     @field_validator("name", mode="before")
     @classmethod
@@ -211,6 +222,17 @@ class ChatSpec:
     template_kwargs: dict[Str, Any] = field(default_factory=dict)
     enable_thinking: Bool = False
     raw_prompts: Annotated[Bool, Field(description="feed prompts as-is, no chat template")] = False
+    template: Annotated[Str, Field(description=(
+        "for a model without a chat template (a pretrained base): chatml, llama3, gemma or a Jinja template "
+        "string; empty: the tokenizer's own"))] = ""
+
+    @field_validator("template")
+    @classmethod
+    def _known_template(cls, value: str) -> str:
+        from slmcl.tasks.templates import resolve_template  # local: stdlib-only module, not needed to import
+
+        resolve_template(value)
+        return value
 
 
 @dataclass(frozen=True, config=_CONFIG)
@@ -324,6 +346,11 @@ class ExperimentSpec:
     name: Str = "experiment"
     model: Annotated[ModelSpec, BeforeValidator(_model_input, json_schema_input_type=Str | ModelSpec)] = field(
         default_factory=ModelSpec)
+    models: Annotated[
+        list[Annotated[ModelSpec, BeforeValidator(_model_input, json_schema_input_type=Str | ModelSpec)]],
+        Field(description="several base models in one experiment: each is a run per strategy, order and seed "
+                          "(default: [model])"),
+    ] = field(default_factory=list)
     data_dir: Annotated[Str, Field(description=f"the TRACE data folder; default ${DATA_DIR_ENV}")] = ""
     tasks: list[Annotated[TaskSpec, BeforeValidator(_task_input, json_schema_input_type=Str | TaskSpec)]] = field(
         default_factory=list)
@@ -347,6 +374,20 @@ class ExperimentSpec:
     device: Annotated[Str, AfterValidator(_check_device),
                       Field(description="auto, cpu, cuda or cuda:N (one GPU of several)")] = "auto"
     output_dir: Str = "runs/experiment"
+
+    @property
+    def model_label(self) -> str:
+        """The label run ids carry for this spec's ``model``: "" in a one-model experiment (its ids stay short)."""
+        return self.model.key if len(self.models) > 1 else ""
+
+    def for_model(self, label: str) -> ExperimentSpec:
+        """This experiment as one of its models runs it: ``model`` is that entry (``models`` stays whole)."""
+        if not label:
+            return self
+        for m in self.models:
+            if m.key == label:
+                return dataclasses.replace(self, model=m)
+        raise SpecError(f"models: no model labelled {label!r}")
 
     def task(self, name: str) -> TaskSpec:
         for t in self.tasks:
@@ -520,7 +561,7 @@ def load_spec(
     return spec_from_dict(raw, base_dir=path.resolve().parent, source=str(path), check_files=check_files)
 
 
-_SHORTHAND = re.compile(r"model|tasks\[\d+\]")  # where a bare name stands for {name: ...}
+_SHORTHAND = re.compile(r"model|models\[\d+\]|tasks\[\d+\]")  # where a bare name stands for {name: ...}
 _STEP = re.compile(r"([^.\[\]]+)((?:\[\d+\])*)")
 
 
@@ -650,11 +691,15 @@ def _resolve_paths(spec: ExperimentSpec, base: Path, environ: Mapping[str, str],
             f"set `data_dir:` in the spec or the {DATA_DIR_ENV} environment variable to your copy of the TRACE "
             "data (e.g. llm-cl-500, the folder holding FOMC/, ScienceQA/, NumGLUE-cm/ and reference.json)",
         )
-    model = spec.model
-    if model.name != EMBEDDED_MODEL:
-        local = base / os.path.expanduser(model.name)
-        if model.name.startswith((".", "/", "~")) or local.is_dir():
-            model = dataclasses.replace(model, name=str(local.resolve()))
+    def resolve_model(model: ModelSpec) -> ModelSpec:
+        if model.name != EMBEDDED_MODEL:
+            local = base / os.path.expanduser(model.name)
+            if model.name.startswith((".", "/", "~")) or local.is_dir():
+                return dataclasses.replace(model, name=str(local.resolve()))
+        return model
+
+    model = resolve_model(spec.model)
+    models = [resolve_model(m) for m in spec.models]
     output_dir = str((base / os.path.expanduser(spec.output_dir)).resolve())
     evaluation = spec.evaluation
     if evaluation.calibration_prior and not evaluation.calibration_prior.startswith(("store:", "experiment:")):
@@ -667,6 +712,7 @@ def _resolve_paths(spec: ExperimentSpec, base: Path, environ: Mapping[str, str],
         tasks=tasks,
         reference=reference,
         model=model,
+        models=models,
         output_dir=output_dir,
     )
 
@@ -709,6 +755,9 @@ def _validate_values(spec: ExperimentSpec, errors: _Errors) -> ExperimentSpec:
         errors.add("seeds", "duplicate seeds")
     if spec.chat.raw_prompts and spec.chat.system_prompt:
         errors.add("chat.system_prompt", "has no effect with chat.raw_prompts: true")
+    if spec.chat.raw_prompts and spec.chat.template:
+        errors.add("chat.template", "has no effect with chat.raw_prompts: true")
+    spec = _validate_models(spec, errors)
     for i, rule in enumerate(spec.policy):
         where = f"policy[{i}]"
         if not rule.thresholds:
@@ -725,6 +774,25 @@ def _validate_values(spec: ExperimentSpec, errors: _Errors) -> ExperimentSpec:
 
 
 _LABEL = re.compile(r"[a-z0-9][a-z0-9_-]*")
+_MODEL_LABEL = re.compile(r"[a-z0-9][a-z0-9_.-]*")
+
+
+def _validate_models(spec: ExperimentSpec, errors: _Errors) -> ExperimentSpec:
+    """``model`` is the shorthand of a one-entry ``models``; several models need distinct labels, and the
+    resolved spec always lists them (``model`` is the first: what a one-model reader uses)."""
+    if not spec.models:
+        return dataclasses.replace(spec, models=[spec.model])
+    if spec.model != ModelSpec() and spec.model not in spec.models:
+        errors.add("model", "give either `model:` (one model) or `models:` (several), not both")
+        return spec
+    keys = [m.key for m in spec.models]
+    for i, m in enumerate(spec.models):
+        if m.label is not None and not _MODEL_LABEL.fullmatch(m.label):
+            errors.add(f"models[{i}].label", f"must be lowercase letters, digits, '.', '-' or '_', got {m.label!r}")
+    for key in sorted({k for k in keys if keys.count(k) > 1}):
+        errors.add("models", f"two models are labelled {key!r}: give them different `label:`s")
+    # ``model`` names the entry a per-model view (``for_model``) runs, so it stays when it is one of them.
+    return spec if spec.model in spec.models else dataclasses.replace(spec, model=spec.models[0])
 
 
 def _validate_strategies(spec: ExperimentSpec, errors: _Errors) -> ExperimentSpec:

@@ -2,7 +2,7 @@
 
 The base model is loaded once per process and stays resident: runs, seeds and
 evaluations swap LoRA weights in place (``slmcl.models.lora``) instead of reloading it.
-The embedded default is read from its cached conversion (``slmcl.models.gguf``).
+The embedded models (``embedded:...`` names) are read from their cached conversions (``slmcl.models.gguf``).
 
 The names that lived here before the split (GGUF cache, LoRA helpers) are re-exported so
 existing imports keep working; new code imports them from their own modules.
@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from slmcl.config.spec import EMBEDDED_MODEL, ModelSpec
+from slmcl.config.spec import ModelSpec
 from slmcl.errors import ModelError
 from slmcl.models.fingerprint import model_fingerprint
 from slmcl.models.gguf import (  # noqa: F401 - re-exported for existing importers
@@ -25,6 +25,7 @@ from slmcl.models.gguf import (  # noqa: F401 - re-exported for existing importe
     cache_dir,
     embedded_gguf_path,
     embedded_model_dir,
+    is_embedded,
 )
 from slmcl.models.lora import (  # noqa: F401 - re-exported for existing importers
     ADAPTER_NAME,
@@ -76,7 +77,8 @@ class LoadedModel:
 
 
 def model_source(spec: ModelSpec) -> str:
-    return str(embedded_model_dir()) if spec.name == EMBEDDED_MODEL else spec.name
+    """The folder or hub id transformers loads: an embedded model's cached conversion, else the name itself."""
+    return str(embedded_model_dir(spec.name)) if is_embedded(spec.name) else spec.name
 
 
 def quiet_transformers() -> None:

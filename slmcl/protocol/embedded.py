@@ -9,7 +9,9 @@ recomputed and no row is written twice.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import gc
 import json
 import shutil
 import tempfile
@@ -18,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from slmcl.config.spec import spec_from_dict
 from slmcl.errors import SpecError
 from slmcl.protocol import layout
 from slmcl.protocol.drift import DriftRows
@@ -100,6 +103,8 @@ def check_resumable(tree: ResultsTree, spec: ExperimentSpec) -> dict[str, DataSu
     check_output_dir(spec.output_dir)
     old = tree.read_spec_dict()
     if old is not None:
+        with contextlib.suppress(SpecError):  # settings added since those results were made take their defaults
+            old = spec_from_dict(old, check_files=False).to_dict()
         before, now = _comparable(old), _comparable(spec.to_dict())
         if before != now:
             changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
@@ -119,6 +124,32 @@ def mark_results(tree: ResultsTree, data: dict[str, DataSummary]) -> None:
     if not tree.store.exists(layout.DATA_JSON):
         files = {path: {"sha256": d.sha256, "rows": d.rows, "bytes": d.size} for path, d in data.items()}
         tree.store.put_bytes(layout.DATA_JSON, json.dumps({"files": files}, indent=1, sort_keys=True).encode())
+
+
+def write_environment(tree: ResultsTree, engine: Engine) -> None:
+    """What the run computes on (device, versions), for the report: the results say where they came from.
+    One entry per model, kept across resumed sessions (a resumed run on another machine adds its own)."""
+    import platform
+    from importlib import metadata
+
+    import torch
+
+    import slmcl
+
+    device = engine.loaded.device
+    entry = {"model": engine.spec.model.name, "device": str(device), "python": platform.python_version(),
+             "torch": torch.__version__, "transformers": metadata.version("transformers"),
+             "peft": metadata.version("peft"), "slmcl": slmcl.__version__, "cuda": torch.version.cuda or "",
+             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "",
+             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    sessions: list[dict[str, Any]] = []
+    if tree.store.exists(layout.ENVIRONMENT_JSON):
+        sessions = json.loads(tree.store.get_bytes(layout.ENVIRONMENT_JSON)).get("sessions", [])
+    same = {k: v for k, v in entry.items() if k != "date"}
+    if not any({k: v for k, v in old.items() if k != "date"} == same for old in sessions):
+        sessions.append(entry)
+    tree.store.put_bytes(layout.ENVIRONMENT_JSON, json.dumps(
+        {**{k: v for k, v in entry.items() if k != "model"}, "sessions": sessions}, indent=1).encode())
 
 
 def read_prior(path: str) -> list[StageRecord]:
@@ -189,6 +220,7 @@ class ExperimentRunner:
     def __init__(self, spec: ExperimentSpec, progress: ProgressCallback | None = None,
                  engine: Engine | None = None) -> None:
         self.spec = spec
+        self.model_spec = spec  # the experiment as the model being run sees it (``spec.for_model``)
         self.tree = ResultsTree(LocalStore(spec.output_dir))
         self.progress = progress or (lambda e: None)
         self._engine = engine
@@ -205,8 +237,9 @@ class ExperimentRunner:
             from slmcl.models.engine import Engine
 
             t0 = time.perf_counter()
-            self._engine = Engine(self.spec)
-            self.progress(Event("model_loaded", data={"model": self.spec.model.name,
+            self._engine = Engine(self.model_spec)
+            write_environment(self.tree, self._engine)
+            self.progress(Event("model_loaded", data={"model": self.model_spec.model.name,
                                                       "device": str(self._engine.loaded.device),
                                                       "seconds": time.perf_counter() - t0}))
         return self._engine
@@ -246,14 +279,44 @@ class ExperimentRunner:
             "runs": len(runs), "stages": sum(len(r.order) for r in runs), "stages_done": finished,
             "output_dir": spec.output_dir}))
         try:
-            for run in runs:
-                self._run(run, done)
+            for label in dict.fromkeys(r.model for r in runs):  # one model resident at a time
+                self._use_model(label)
+                for run in runs:
+                    if run.model == label:
+                        self._run(run, done)
         finally:
             if self._evaluator is not None:
                 self._evaluator.close()
         tree.write_tables(self.prior)
+        self._write_report()
         self.progress(Event("experiment_done", data={"output_dir": spec.output_dir}))
         return Path(spec.output_dir)
+
+    def _write_report(self) -> None:
+        """The report (tables, figures, one HTML page) beside the results: ``<output_dir>/report/``."""
+        import importlib.util
+
+        if importlib.util.find_spec("matplotlib") is None:
+            self.progress(Event("report_skipped", data={"reason": "matplotlib is not installed (pip install "
+                                                                   "'slmcl[report]'; make setup installs it)"}))
+            return
+        from slmcl.report import build_report
+
+        t0 = time.perf_counter()
+        index = build_report(self.spec.output_dir, Path(self.spec.output_dir) / layout.REPORT_DIR)
+        self.progress(Event("report_written", data={"path": str(index), "seconds": time.perf_counter() - t0}))
+
+    def _use_model(self, label: str) -> None:
+        """Run ``label``'s runs next: the previous model's engine is released before the next one loads."""
+        model_spec = self.spec.for_model(label)
+        if model_spec.model == self.model_spec.model:
+            return
+        if self._evaluator is not None:
+            self._evaluator.close()
+        self._evaluator = None
+        self._engine = None
+        gc.collect()
+        self.model_spec = model_spec
 
     def _eval_progress(self, rid: str, stage: int) -> EvalProgress:
         def cb(task: str, done: int, total: int) -> None:
@@ -261,11 +324,12 @@ class ExperimentRunner:
         return cb
 
     def _run(self, run: RunPlan, done: set[tuple[str, int]]) -> None:
-        spec, rid, order, seed = self.spec, run.run_id, list(run.order), run.seed
+        spec, rid, order, seed = self.model_spec, run.run_id, list(run.order), run.seed
         if all((rid, k) in done for k in range(0, self.tree.run_end(rid, len(order)) + 1)):
             self.progress(Event("run_done", rid, data={"skipped": True}))
             return
-        self.progress(Event("run_started", rid, data={"order": order, "seed": seed, "strategy": run.strategy}))
+        self.progress(Event("run_started", rid, data={"order": order, "seed": seed, "strategy": run.strategy,
+                                                      "model": spec.model.name}))
         if base_runs_missing(self.tree, spec):
             commit_base(self.tree, spec, measure(self.evaluator, None, spec.tasks, self._eval_progress("", 0)))
         stage_t0: dict[int, float] = {}

@@ -8,6 +8,7 @@ writer builds keys with these functions, so a layout change is one edit here.
 
     spec.json, spec.yaml                       the resolved spec (services: dataset paths are store: keys)
     .slmcl-results, data.json                  slmcl run: the marker of a results directory; the data files' hashes
+    environment.json, report/                  slmcl run: device and versions; the report (slmcl.report)
     experiment.json                            services: id, name, client request id, created_at
     checkpoints/<run_id>/step-<k>/             PEFT adapter, or a merged model folder (OSF); + strategy_state.*
     runs/<run_id>/trained-<k>.json             training record of stage k (losses, tokens, seconds)
@@ -34,6 +35,8 @@ RESULTS_MARKER = ".slmcl-results"
 DATA_JSON = "data.json"  # sha256, rows and bytes of every data file the results were made from (checked on resume)
 SPEC_YAML = "spec.yaml"
 EXPERIMENT_JSON = "experiment.json"
+ENVIRONMENT_JSON = "environment.json"  # slmcl run: device and versions the results were computed with
+REPORT_DIR = "report"  # slmcl run writes its report (index.html, tables/, figures/) here
 TABLES = ("scores.csv", "stability.csv", "train_loss.csv", "summary.json", "comparison.csv", "comparison.md",
           "interventions.csv", "estimates.csv", "drift_attribution.csv")
 BASE_RUN = "base"  # the predictions of step 0 are the base model's, shared by every run
@@ -51,10 +54,17 @@ def order_id(order: Sequence[str]) -> str:
     return ".".join(order)  # '.' never appears in a task name (the spec refuses it)
 
 
-def run_id(order: Sequence[str], seed: int, strategy: str = DEFAULT_STRATEGY) -> str:
-    """``<order>-s<seed>`` for the study's method, ``<order>-s<seed>-<label>`` for any other strategy entry."""
+def run_id(order: Sequence[str], seed: int, strategy: str = DEFAULT_STRATEGY, model: str = "") -> str:
+    """``<order>-s<seed>`` for the study's method, ``<order>-s<seed>-<label>`` for any other strategy entry;
+    ``-m<model label>`` after it when the experiment has several models."""
     base = f"{order_id(order)}-s{seed}"
-    return base if strategy == DEFAULT_STRATEGY else f"{base}-{strategy}"
+    base = base if strategy == DEFAULT_STRATEGY else f"{base}-{strategy}"
+    return f"{base}-m{model}" if model else base
+
+
+def base_run(model: str = "") -> str:
+    """Where the base model's predictions go: ``base``, or ``base-<model label>`` with several models."""
+    return f"{BASE_RUN}-{model}" if model else BASE_RUN
 
 
 def stage_key(rid: str, step: int) -> str:

@@ -18,7 +18,7 @@ def read_stages(store: ArtifactStore, rid: str | None = None) -> list[StageRecor
     """Every committed stage record (of one run, or all), in (order, seed, step) order."""
     keys = [k for k in store.list_keys(layout.runs_prefix(rid)) if layout.is_stage_key(k)]
     recs = [StageRecord.from_json(store.get_bytes(k)) for k in keys]
-    return sorted(recs, key=lambda r: (r.strategy, layout.order_id(r.order), r.seed, r.step))
+    return sorted(recs, key=lambda r: (r.model, r.strategy, layout.order_id(r.order), r.seed, r.step))
 
 
 @dataclass(frozen=True)
@@ -38,20 +38,29 @@ class Results:
         """Per model and strategy: final metrics, drift and cost, mean ± std over runs (comparison.csv)."""
         return list(self.summary.get("comparison", []))
 
-    def matrix(self, order: Sequence[str] | None = None, strategy: str | None = None) -> dict[int, dict[str, float]]:
-        return {int(k): v for k, v in self._order(order, strategy)["matrix_mean"].items()}
+    @property
+    def models(self) -> list[str]:
+        return list(dict.fromkeys(r.model for r in self.records))
 
-    def metrics(self, order: Sequence[str] | None = None, strategy: str | None = None) -> list[dict[str, Any]]:
-        return self._order(order, strategy)["metrics"]
+    def matrix(self, order: Sequence[str] | None = None, strategy: str | None = None,
+               model: str | None = None) -> dict[int, dict[str, float]]:
+        return {int(k): v for k, v in self._order(order, strategy, model)["matrix_mean"].items()}
 
-    def stability(self, order: Sequence[str] | None = None,
-                  strategy: str | None = None) -> dict[int, dict[str, float | None]]:
-        return {int(k): v for k, v in self._order(order, strategy)["stability_mean"].items()}
+    def metrics(self, order: Sequence[str] | None = None, strategy: str | None = None,
+                model: str | None = None) -> list[dict[str, Any]]:
+        return self._order(order, strategy, model)["metrics"]
 
-    def _order(self, order: Sequence[str] | None, strategy: str | None = None) -> dict[str, Any]:
-        entries = [e for e in self.summary["orders"] if strategy is None or e.get("strategy") == strategy]
+    def stability(self, order: Sequence[str] | None = None, strategy: str | None = None,
+                  model: str | None = None) -> dict[int, dict[str, float | None]]:
+        return {int(k): v for k, v in self._order(order, strategy, model)["stability_mean"].items()}
+
+    def _order(self, order: Sequence[str] | None, strategy: str | None = None,
+               model: str | None = None) -> dict[str, Any]:
+        """The summary entry of (model, strategy, order); ``model`` is a model's name as records hold it."""
+        entries = [e for e in self.summary["orders"] if (strategy is None or e.get("strategy") == strategy)
+                   and (model is None or e.get("model") == model)]
         if not entries:
-            raise NotFoundError(f"no results for strategy {strategy!r} in {self.path}")
+            raise NotFoundError(f"no results for strategy {strategy!r}, model {model!r} in {self.path}")
         if order is None:
             return entries[0]
         for e in entries:

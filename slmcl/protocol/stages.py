@@ -234,14 +234,14 @@ def commit_base(tree: ResultsTree, spec: ExperimentSpec, m: Measurement) -> list
     """Stage 0 of every run (shared base measurement); returns the run ids it committed."""
     committed = []
     first = True
-    for run in plan_runs(spec):
+    for run in plan_runs(spec, model=spec.model_label):  # ``spec`` is its model's (``for_model``)
         rid = run.run_id
         if tree.is_committed(rid, 0):
             continue
         rec = StageRecord(rid, list(run.order), run.seed, 0, "base", spec.model.name, m.scores, m.stability,
                           timing={"eval_seconds": m.eval_seconds, "stability_seconds": m.stability_seconds},
                           strategy=run.strategy)
-        tree.commit(rec, m.predictions if first else {}, pred_run=layout.BASE_RUN)
+        tree.commit(rec, m.predictions if first else {}, pred_run=layout.base_run(spec.model_label))
         first = False
         committed.append(rid)
     return committed
@@ -271,7 +271,8 @@ def commit_stage(tree: ResultsTree, spec: ExperimentSpec, trained: TrainedStage,
 
 
 def base_runs_missing(tree: ResultsTree, spec: ExperimentSpec) -> bool:
-    return any(not tree.is_committed(run.run_id, 0) for run in plan_runs(spec))
+    """Whether a run of ``spec``'s model (its ``for_model`` view) lacks its base stage."""
+    return any(not tree.is_committed(run.run_id, 0) for run in plan_runs(spec, model=spec.model_label))
 
 
 def expected_records(spec: ExperimentSpec, tree: ResultsTree | None = None) -> int:
@@ -310,7 +311,7 @@ def train_run(engine: Engine, tree: ResultsTree, spec: ExperimentSpec, order: Se
     """
     hooks = hooks or RunHooks()
     order = list(order)
-    rid = layout.run_id(order, seed, strategy)
+    rid = layout.run_id(order, seed, strategy, spec.model_label)  # ``spec`` is its model's (``for_model``)
     entry = spec.strategy_entry(strategy)
     end = tree.run_end(rid, len(order))
     done = tree.last_trained(rid, end)

@@ -211,10 +211,10 @@ def summarize(records: Sequence[StageRecord], prior: Sequence[StageRecord] = ())
                            "correlation": correlation_summary(records),
                            "calibration": calibration_summary(records, prior),
                            "interventions": len(intervention_rows(records))}
-    by_order: dict[tuple[str, str], list[StageRecord]] = {}
+    by_order: dict[tuple[str, str, str], list[StageRecord]] = {}
     for r in records:
-        by_order.setdefault((r.strategy, order_id(r.order)), []).append(r)
-    for (strategy, oid), recs in by_order.items():
+        by_order.setdefault((r.model, r.strategy, order_id(r.order)), []).append(r)
+    for (model, strategy, oid), recs in by_order.items():
         order = recs[0].order
         rows = [mx.ScoreRow(seed=x["seed"], step=x["step"], checkpoint_task=x["checkpoint_task"],
                             eval_task=x["eval_task"], accuracy=x["accuracy"], order=oid, model=x["model"])
@@ -228,6 +228,7 @@ def summarize(records: Sequence[StageRecord], prior: Sequence[StageRecord] = ())
             keys = dict.fromkeys(k for v in vals for k in v if k != "num_reference_examples")
             stab[step] = {k: _mean([v.get(k) for v in vals]) for k in keys}
         out["orders"].append({
+            "model": model,
             "strategy": strategy,
             "order": order,
             "seeds": sorted(per_seed),

@@ -3,8 +3,9 @@
 The user message is the task kind's (``TaskKind.user_message``); every built-in kind uses the
 study's layout: the task instruction, a blank line, then the example prompt. No system
 message unless the spec asks for one; a template that injects its own default (SmolLM2's
-does) keeps it, exactly as in the study. ``raw_prompts`` skips the chat template for base
-models that have none.
+does) keeps it, exactly as in the study. A model without a chat template (a pretrained base)
+gets a built-in family's (``chat.template``, ``slmcl.tasks.templates``), or ``raw_prompts``
+feeds prompts as they are.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from slmcl.config.spec import ChatSpec
+from slmcl.errors import ModelError
 from slmcl.tasks.kinds import TaskKind, default_user_message
+from slmcl.tasks.templates import resolve_template
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,12 @@ class PromptRenderer:
     def _template(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
         kwargs = dict(self.chat.template_kwargs)
         kwargs.setdefault("enable_thinking", self.chat.enable_thinking)
+        template = resolve_template(self.chat.template)
+        if template is None and not getattr(self.tokenizer, "chat_template", None):
+            raise ModelError("the model's tokenizer has no chat template: set chat.template (chatml, llama3, gemma "
+                             "or a Jinja string) or chat.raw_prompts: true")
+        if template is not None:
+            kwargs["chat_template"] = template
         return self.tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs
         )
@@ -60,5 +69,6 @@ class PromptRenderer:
             "template_kwargs": self.chat.template_kwargs,
             "enable_thinking": self.chat.enable_thinking,
             "raw_prompts": self.chat.raw_prompts,
-            "chat_template": None if self.chat.raw_prompts else getattr(self.tokenizer, "chat_template", None),
+            "chat_template": None if self.chat.raw_prompts else (
+                resolve_template(self.chat.template) or getattr(self.tokenizer, "chat_template", None)),
         }

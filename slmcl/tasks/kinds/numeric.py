@@ -1,10 +1,10 @@
-"""Numeric: the answer is the final number (or a word such as "Friday"), scored by exact match."""
+"""Numeric: the answer is the final number (or a word such as "Friday"), scored by exact match of its value."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from slmcl.tasks.answers import clean_output, extract_number, last_number
+from slmcl.tasks.answers import clean_output, extract_number, last_number, numbers_match
 from slmcl.tasks.kinds import TASK_KINDS, TaskKind
 
 
@@ -23,4 +23,5 @@ class Numeric(TaskKind):
         return extract_number(clean_output(text, extra_markers))
 
     def score(self, prediction: str, gold: str) -> float:
-        return 1.0 if prediction == gold else 0.0
+        """Numbers match by exact decimal value, so a caller's unnormalized "186.0" still equals "186"."""
+        return 1.0 if numbers_match(prediction, gold) else 0.0
