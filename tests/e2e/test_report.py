@@ -307,7 +307,7 @@ def test_html_is_self_contained_and_complete(results: Path, report: Path) -> Non
         assert f"<dt>{name}</dt><dd>{metadata.version(name)}</dd>" in page
     assert f"<dt>Python</dt><dd>{platform.python_version()}</dd>" in page
     assert f"<dt>slmcl</dt><dd>{slmcl.__version__}</dd>" in page
-    assert "<dt>device</dt><dd>cpu (spec.json)</dd>" in page
+    assert "<dt>device</dt><dd>cpu (environment.json)</dd>" in page  # what the run itself recorded
     assert "run (stage records written)" in page
     for name in TABLES:
         assert f'id="table-{name}"' in page
