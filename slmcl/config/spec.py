@@ -50,7 +50,9 @@ from pydantic.dataclasses import dataclass
 from slmcl.errors import SpecError
 
 DATA_DIR_ENV = "SLMCL_DATA_DIR"
-EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
+EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"  # the default; `embedded` is short for it
+# The models slmcl ships through pip; slmcl.models.gguf converts them (its registry has the same names).
+EMBEDDED_MODELS = (EMBEDDED_MODEL, "embedded:gemma3-270m")
 
 MULTIPLE_CHOICE_INSTRUCTION = (
     'Please show your choice in the answer field with only the choice letter, e.g., "C"'
@@ -116,7 +118,9 @@ def _strategy_names() -> list[str]:
 class ModelSpec:
     """The base model; "model: NAME" is short for "model: {name: NAME}"."""
 
-    name: Annotated[Str, Field(description="HF id, local folder, or 'embedded' (SmolLM2-135M-Instruct)")] = (
+    name: Annotated[Str, Field(description=(
+        "HF id, local folder, or an embedded model: 'embedded' (SmolLM2-135M-Instruct) or 'embedded:gemma3-270m' "
+        "(Gemma 3 270M base, Gemma Terms of Use)"))] = (
         EMBEDDED_MODEL
     )
     trust_remote_code: Bool = False
@@ -137,7 +141,11 @@ class ModelSpec:
     @field_validator("name", mode="before")
     @classmethod
     def _embedded_alias(cls, name: Any) -> Any:
-        return EMBEDDED_MODEL if name is None or name in ("", "embedded") else name
+        name = EMBEDDED_MODEL if name is None or name in ("", "embedded") else name
+        if isinstance(name, str) and name.startswith("embedded:") and name not in EMBEDDED_MODELS:
+            raise ValueError(f"unknown embedded model {name!r}; known: embedded (= {EMBEDDED_MODEL}), "
+                             f"{', '.join(EMBEDDED_MODELS[1:])}")
+        return name
 
 
 @dataclass(frozen=True, config=_CONFIG)
@@ -223,8 +231,8 @@ class ChatSpec:
     enable_thinking: Bool = False
     raw_prompts: Annotated[Bool, Field(description="feed prompts as-is, no chat template")] = False
     template: Annotated[Str, Field(description=(
-        "for a model without a chat template (a pretrained base): chatml, llama3, gemma or a Jinja template "
-        "string; empty: the tokenizer's own"))] = ""
+        "the template of a model whose tokenizer has none (a pretrained base): chatml, llama3, gemma or a Jinja "
+        "template string; a model with its own template keeps it"))] = ""
 
     @field_validator("template")
     @classmethod
@@ -692,7 +700,7 @@ def _resolve_paths(spec: ExperimentSpec, base: Path, environ: Mapping[str, str],
             "data (e.g. llm-cl-500, the folder holding FOMC/, ScienceQA/, NumGLUE-cm/ and reference.json)",
         )
     def resolve_model(model: ModelSpec) -> ModelSpec:
-        if model.name != EMBEDDED_MODEL:
+        if model.name not in EMBEDDED_MODELS:
             local = base / os.path.expanduser(model.name)
             if model.name.startswith((".", "/", "~")) or local.is_dir():
                 return dataclasses.replace(model, name=str(local.resolve()))

@@ -10,6 +10,7 @@ feeds prompts as they are.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,15 +36,39 @@ class PromptRenderer:
     def _template(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
         kwargs = dict(self.chat.template_kwargs)
         kwargs.setdefault("enable_thinking", self.chat.enable_thinking)
-        template = resolve_template(self.chat.template)
-        if template is None and not getattr(self.tokenizer, "chat_template", None):
-            raise ModelError("the model's tokenizer has no chat template: set chat.template (chatml, llama3, gemma "
-                             "or a Jinja string) or chat.raw_prompts: true")
+        template = self._fallback_template()
         if template is not None:
             kwargs["chat_template"] = template
         return self.tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs
         )
+
+    def _fallback_template(self) -> str | None:
+        """``chat.template`` for a tokenizer without a template of its own (None: the tokenizer's own is used).
+
+        Only a model without one takes it, so one experiment can hold an instruct model (its own template)
+        and a pretrained base (the named family's) side by side."""
+        if getattr(self.tokenizer, "chat_template", None):
+            return None
+        template = resolve_template(self.chat.template)
+        if template is None:
+            raise ModelError("the model's tokenizer has no chat template: set chat.template (chatml, llama3, gemma "
+                             "or a Jinja string) or chat.raw_prompts: true")
+        return template
+
+    def _bos(self) -> str:
+        return self._raw_bos
+
+    @functools.cached_property
+    def _raw_bos(self) -> str:
+        """The BOS text a raw prompt starts with, for tokenizers that add one by default (Gemma: without it
+        the model degenerates); prompts are tokenized without special tokens, so it is written out here.
+        Read off the tokenizer's behaviour, since its ``add_bos_token`` flag is not reliable across families."""
+        bos, bos_id = getattr(self.tokenizer, "bos_token", None), getattr(self.tokenizer, "bos_token_id", None)
+        if not bos or bos_id is None:
+            return ""
+        ids = self.tokenizer("a").input_ids
+        return str(bos) if ids and ids[0] == bos_id else ""
 
     def prompt_text(self, instruction: str, prompt: str, kind: TaskKind | None = None) -> str:
         """The text the model continues from (generation prompt included).
@@ -52,13 +77,13 @@ class PromptRenderer:
         tasks) the study's layout is used, which is also what every built-in kind renders.
         """
         if self.chat.raw_prompts:
-            return prompt
+            return self._bos() + prompt
         return self._template(self._messages(instruction, prompt, kind), add_generation_prompt=True)
 
     def full_text(self, instruction: str, prompt: str, target: str, kind: TaskKind | None = None) -> str:
         """Prompt plus the assistant's answer and the template's end-of-turn, for training."""
         if self.chat.raw_prompts:
-            return prompt + target + (self.tokenizer.eos_token or "")
+            return self._bos() + prompt + target + (self.tokenizer.eos_token or "")
         messages = self._messages(instruction, prompt, kind) + [{"role": "assistant", "content": target}]
         return self._template(messages, add_generation_prompt=False)
 
@@ -70,5 +95,6 @@ class PromptRenderer:
             "enable_thinking": self.chat.enable_thinking,
             "raw_prompts": self.chat.raw_prompts,
             "chat_template": None if self.chat.raw_prompts else (
-                resolve_template(self.chat.template) or getattr(self.tokenizer, "chat_template", None)),
+                getattr(self.tokenizer, "chat_template", None) or self._fallback_template()),
+            "bos": self._bos() if self.chat.raw_prompts else None,
         }

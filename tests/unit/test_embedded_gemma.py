@@ -162,3 +162,9 @@ def test_greedy_continuation_is_deterministic_non_empty_and_sane(gemma_loaded: A
     top5 = [tok.decode([int(i)]).strip() for i in logits.topk(5).indices]
     assert "Paris" in top5
 
+
+
+def test_the_spec_knows_every_embedded_model() -> None:
+    from slmcl.config.spec import EMBEDDED_MODELS
+
+    assert set(EMBEDDED_MODELS) == set(gguf.EMBEDDED_MODELS)

@@ -73,3 +73,26 @@ def test_the_template_is_part_of_the_rendering_fingerprint(tokenizer: Any) -> No
 def test_bad_template_settings_name_the_field(tmp_path: Path, data_dir: Path, chat: dict, message: str) -> None:
     with pytest.raises(SpecError, match=message.replace(".", r"\.")):
         spec_from_dict(tiny_spec_dict(tmp_path, data_dir, tmp_path / "out", chat=chat), check_files=False)
+
+
+def test_a_model_with_its_own_template_keeps_it(embedded_dir: Path) -> None:
+    """One experiment can hold an instruct model and a base: chat.template serves only the one without."""
+    own = AutoTokenizer.from_pretrained(embedded_dir)  # SmolLM2's ChatML template, with its system prompt
+    text = PromptRenderer(own, ChatSpec(template="gemma")).prompt_text("I", "P")
+    assert "<start_of_turn>" not in text and text.startswith("<|im_start|>system\n")
+
+
+class _BosTokenizer:
+    """A tokenizer that adds a BOS by default (as Gemma's does) and says nothing about it in a flag."""
+
+    bos_token, bos_token_id, eos_token, chat_template, add_bos_token = "<bos>", 2, "<eos>", None, False
+
+    def __call__(self, text: str, **_: Any) -> Any:
+        return type("Enc", (), {"input_ids": [2, 7]})()
+
+
+def test_raw_prompts_start_with_the_bos_a_tokenizer_adds(tokenizer: Any) -> None:
+    raw = ChatSpec(raw_prompts=True)
+    assert PromptRenderer(_BosTokenizer(), raw).prompt_text("I", "P") == "<bos>P"  # tokenized without specials
+    assert PromptRenderer(_BosTokenizer(), raw).full_text("I", "P", " B") == "<bos>P B<eos>"
+    assert PromptRenderer(tokenizer, raw).prompt_text("I", "P") == "P"  # SmolLM2 adds none
