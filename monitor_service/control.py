@@ -29,7 +29,7 @@ from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 
-from monitor_service.evaluators import EvaluationFailed, EvaluatorPool
+from monitor_service.evaluators import EvaluationFailed, EvaluationRejected, EvaluatorPool
 from monitor_service.stages import MAX_REQUESTS_IN_FLIGHT, BaseRowsCache, RemoteEvaluator
 from service_common import keys
 from service_common.datasets import map_paths, parse_spec_json, sha256_hex, spec_paths
@@ -70,8 +70,10 @@ class NotResumableError(SlmclError):
 
 
 def is_outage(exc: BaseException) -> bool:
-    """A failure that waiting may cure: Redis or the store unreachable, no evaluator answering."""
-    return is_redis_outage(exc) or is_store_outage(exc) or isinstance(exc, EvaluationFailed)
+    """A failure that waiting may cure: Redis or the store unreachable, no evaluator answering (an evaluator
+    that answered by rejecting the request is no outage)."""
+    return (is_redis_outage(exc) or is_store_outage(exc)
+            or (isinstance(exc, EvaluationFailed) and not isinstance(exc, EvaluationRejected)))
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,16 @@ class EvaluationFailed(Exception):
     pass
 
 
+class EvaluationRejected(EvaluationFailed):
+    """An evaluator refused the request itself (a spec it cannot run, a model its policy forbids): no replica
+    and no amount of waiting will accept it, so the experiment fails now with the evaluator's words instead of
+    retrying for the whole outage budget."""
+
+
+# What an evaluator answers about the request, not about its own health.
+REJECTED = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED}
+
+
 def resolve(target: str) -> list[str]:
     addresses: list[str] = []
     for part in (p.strip() for p in target.split(",") if p.strip()):
@@ -174,7 +184,8 @@ class EvaluatorPool:
                 return result
             except grpc.RpcError as exc:
                 code = exc.code()
-                last = EvaluationFailed(f"{replica.address}: {code.name}: {exc.details()}")
+                kind = EvaluationRejected if code in REJECTED else EvaluationFailed
+                last = kind(f"{replica.address}: {code.name}: {exc.details()}")
                 if code not in RETRYABLE:
                     raise last from None
                 log.warning("%s on %s failed (%s); retrying elsewhere", what, replica.address, code.name)

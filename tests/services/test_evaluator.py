@@ -22,7 +22,8 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from monitor_service.evaluators import EvaluatorPool, drift_rows
+from monitor_service.control import is_outage
+from monitor_service.evaluators import EvaluationFailed, EvaluationRejected, EvaluatorPool, drift_rows
 from service_common.datasets import map_paths, sha256_hex
 from service_common.grpc_server import channel
 from service_common.keys import STORE_PREFIX
@@ -279,6 +280,16 @@ def test_errors_map_to_status_codes(evaluator: Evaluator, make_spec) -> None:  #
 
     _, ok = evaluate(evaluator, request(spec_json, "fomc"))  # the replica still serves after errors
     assert ok.score.total == 4
+
+    # Through the monitor's pool: a rejected request is no outage (the monitor fails the experiment now
+    # instead of retrying it for the whole outage budget); a replica that cannot be reached still is one.
+    pool = EvaluatorPool(evaluator.address)
+    with pytest.raises(EvaluationRejected, match="INVALID_ARGUMENT: .*lora.rank") as rejected:
+        bad = json.loads(spec_json)
+        bad["lora"]["rank"] = -1
+        pool.evaluate(request(json.dumps(bad), "fomc"))
+    assert not is_outage(rejected.value)
+    assert is_outage(EvaluationFailed("127.0.0.1:1: not reachable within 20 s"))
 
 
 # -- 6. reflection and health, seen by grpcurl -------------------------------------------------
