@@ -89,8 +89,8 @@ def summarize_drift(rows: DriftRows, base: DriftRows | None) -> dict[str, Any]:
 
     ``base`` is the base model's own rows on the same reference set (None when ``rows`` are
     the base's: deltas are then 0). Keys: ``num_reference_examples``, ``<stat>_<summary>``
-    for each of STAT_NAMES x SUMMARIES, ``entropy_delta_mean``, ``margin_delta_mean`` and,
-    with a base, ``base_entropy_*`` / ``base_margin_*``.
+    for each of STAT_NAMES x SUMMARIES, ``entropy_delta_mean``, ``margin_delta_mean``, their ``_p95``
+    counterparts and, with a base, ``base_entropy_*`` / ``base_margin_*``.
     """
     if base is not None and base.num_rows != rows.num_rows:
         raise ValueError(f"drift rows: {rows.num_rows} checkpoint rows but {base.num_rows} base rows "
@@ -102,12 +102,16 @@ def summarize_drift(rows: DriftRows, base: DriftRows | None) -> dict[str, Any]:
     if base is None:
         out["entropy_delta_mean"] = 0.0
         out["margin_delta_mean"] = 0.0
+        out["entropy_delta_p95"] = out["margin_delta_p95"] = 0.0
         return out
     out["entropy_delta_mean"] = out["entropy_mean"] - mean(base.entropy)
     out["margin_delta_mean"] = out["margin_mean"] - mean(base.margin)
     for name in ("entropy", "margin"):
         for key, value in summarize(base.column(name)).items():
             out[f"base_{name}_{key}"] = value
+    # The tail moves too (the study reports p95s): the p95 of the checkpoint's rows minus the base's p95.
+    for name in ("entropy", "margin"):
+        out[f"{name}_delta_p95"] = out[f"{name}_p95"] - out[f"base_{name}_p95"]
     return out
 
 

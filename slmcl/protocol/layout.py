@@ -18,7 +18,7 @@ writer builds keys with these functions, so a layout change is one edit here.
     scores.csv, stability.csv, train_loss.csv, summary.json,
     comparison.csv, comparison.md,
     interventions.csv, estimates.csv,
-    drift_attribution.csv                      tables rebuilt from the stage records
+    drift_attribution.csv, per_task.csv        tables rebuilt from the stage records
 
 Store-wide (outside any experiment): ``datasets/<sha256>.json`` (content-addressed uploads) and
 ``cache/`` (base evaluations and base distributions, keyed by what they depend on).
@@ -38,7 +38,7 @@ EXPERIMENT_JSON = "experiment.json"
 ENVIRONMENT_JSON = "environment.json"  # slmcl run: device and versions the results were computed with
 REPORT_DIR = "report"  # slmcl run writes its report (index.html, tables/, figures/) here
 TABLES = ("scores.csv", "stability.csv", "train_loss.csv", "summary.json", "comparison.csv", "comparison.md",
-          "interventions.csv", "estimates.csv", "drift_attribution.csv")
+          "interventions.csv", "estimates.csv", "drift_attribution.csv", "per_task.csv")
 BASE_RUN = "base"  # the predictions of step 0 are the base model's, shared by every run
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # a LoRA checkpoint is complete when both exist
 MERGED_FILES = ("config.json", "model.safetensors")  # a merged-model checkpoint (OSF) is complete when both exist

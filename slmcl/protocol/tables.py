@@ -33,7 +33,7 @@ TASK_DRIFT_COLUMNS = ["task_drift_examples", "task_kl_to_base_mean", "task_kl_to
 STABILITY_COLUMNS = (
     ["seed", "step", "checkpoint_task", "num_reference_examples"]
     + [f"{n}_{s}" for n in STAT_NAMES for s in SUMMARIES]
-    + ["entropy_delta_mean", "margin_delta_mean"] + TASK_DRIFT_COLUMNS
+    + ["entropy_delta_mean", "margin_delta_mean", "entropy_delta_p95", "margin_delta_p95"] + TASK_DRIFT_COLUMNS
     + ["reference_accuracy", "base_reference_accuracy", "evaluated", "intervention", "order", "model", "strategy"]
 )
 INTERVENTION_COLUMNS = ["strategy", "order", "seed", "stage", "checkpoint_task", "rule", "action", "signal",
@@ -270,6 +270,53 @@ def _final_values(recs: Sequence[StageRecord]) -> dict[str, float | None]:
     }
 
 
+def _diff(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a - b
+
+
+PER_TASK_COLUMNS = ["model", "strategy", "order", "seed", "task", "position", "base_acc", "previous_acc",
+                    "learned_acc", "final_acc", "forgetting", "bwt", "fwt", "next_task_fwt"]
+
+
+def per_task_rows(records: Sequence[StageRecord]) -> list[dict[str, Any]]:
+    """per_task.csv: each task of each run, where the run-level metrics come from.
+
+    For task j learned at step j of a run that ended at step K (R: the run's accuracy matrix):
+    ``base_acc`` R[0][j]; ``previous_acc`` R[j-1][j] (what the model knew of it just before learning it);
+    ``learned_acc`` R[j][j]; ``final_acc`` R[K][j]; ``forgetting`` max over l in [j, K-1] of R[l][j] minus
+    R[K][j] (Chaudhry et al.; none for the last task); ``bwt`` R[K][j] - R[j][j]; ``fwt`` R[j-1][j] - R[0][j]
+    (none for the first task); ``next_task_fwt`` R[j][j+1] - R[0][j+1], the study's column: what learning
+    task j did for the next one. A cell that was not evaluated leaves the values that need it empty.
+    """
+    runs: dict[str, list[StageRecord]] = {}
+    for r in records:
+        runs.setdefault(r.run_id, []).append(r)
+    rows = []
+    for recs in runs.values():
+        first = recs[0]
+        order = list(first.order)
+        matrix = {r.step: {t: s["accuracy"] for t, s in r.scores.items()} for r in recs}
+        end = max(r.step for r in recs)
+
+        def cell(step: int, task: str, m: dict[int, dict[str, float]] = matrix) -> float | None:
+            return m.get(step, {}).get(task)
+
+        for j, task in enumerate(order[:end], start=1):
+            seen = [cell(step, task) for step in range(j, end)]
+            peak = max(seen) if seen and None not in seen else None
+            nxt = order[j] if j < len(order) else None
+            rows.append({
+                "model": first.model, "strategy": first.strategy, "order": order_id(order), "seed": first.seed,
+                "task": task, "position": j, "base_acc": cell(0, task), "previous_acc": cell(j - 1, task),
+                "learned_acc": cell(j, task), "final_acc": cell(end, task),
+                "forgetting": _diff(peak, cell(end, task)) if j < end else None,
+                "bwt": _diff(cell(end, task), cell(j, task)) if j < end else None,
+                "fwt": _diff(cell(j - 1, task), cell(0, task)) if j > 1 else None,
+                "next_task_fwt": _diff(cell(j, nxt), cell(0, nxt)) if nxt is not None else None,
+            })
+    return rows
+
+
 def comparison_rows(records: Sequence[StageRecord]) -> list[dict[str, Any]]:
     """Per model and strategy, mean ± std over its finished runs of the final metrics, drift and cost.
 
@@ -315,6 +362,7 @@ def write_tables(store: ArtifactStore, records: Sequence[StageRecord], prior: Se
     store.put_bytes("interventions.csv", _csv(INTERVENTION_COLUMNS, intervention_rows(records)))
     store.put_bytes("estimates.csv", _csv(ESTIMATE_COLUMNS, estimate_rows(records, prior)))
     store.put_bytes("drift_attribution.csv", _csv(ATTRIBUTION_COLUMNS, attribution_rows(records)))
+    store.put_bytes("per_task.csv", _csv(PER_TASK_COLUMNS, per_task_rows(records)))
     store.put_bytes("comparison.csv", _csv(COMPARISON_COLUMNS, summary["comparison"]))
     store.put_bytes("comparison.md", comparison_markdown(summary["comparison"]).encode())
     store.put_bytes("scores.csv", _csv(SCORES_COLUMNS, score_rows(records)))

@@ -252,7 +252,7 @@ def torch_summary(rows: DriftRows, base: DriftRows | None) -> dict[str, float]:
         for key, value in summary_of(torch.tensor(getattr(rows, name), dtype=torch.float64)).items():
             out[f"{name}_{key}"] = value
     if base is None:
-        out.update(entropy_delta_mean=0.0, margin_delta_mean=0.0)
+        out.update(entropy_delta_mean=0.0, margin_delta_mean=0.0, entropy_delta_p95=0.0, margin_delta_p95=0.0)
         return out
     b = {n: torch.tensor(getattr(base, n), dtype=torch.float64) for n in ("entropy", "margin")}
     out["entropy_delta_mean"] = out["entropy_mean"] - float(b["entropy"].mean())
@@ -260,6 +260,8 @@ def torch_summary(rows: DriftRows, base: DriftRows | None) -> dict[str, float]:
     for name, values in b.items():
         for key, value in summary_of(values).items():
             out[f"base_{name}_{key}"] = value
+    for name in ("entropy", "margin"):
+        out[f"{name}_delta_p95"] = out[f"{name}_p95"] - out[f"base_{name}_p95"]
     return out
 
 
