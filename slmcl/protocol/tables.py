@@ -303,7 +303,8 @@ def per_task_rows(records: Sequence[StageRecord]) -> list[dict[str, Any]]:
 
         for j, task in enumerate(order[:end], start=1):
             seen = [cell(step, task) for step in range(j, end)]
-            peak = max(seen) if seen and None not in seen else None
+            known = [v for v in seen if v is not None]
+            peak = max(known) if known and len(known) == len(seen) else None
             nxt = order[j] if j < len(order) else None
             rows.append({
                 "model": first.model, "strategy": first.strategy, "order": order_id(order), "seed": first.seed,
