@@ -36,7 +36,7 @@ def test_a_stale_reader_cannot_overwrite_the_tables_of_a_later_stage(
         return ["r0", "r1"]
 
     monkeypatch.setattr(protocol, "read_stages", read_stages)
-    monkeypatch.setattr(protocol, "write_tables", lambda _store, records: written.append(list(records)))
+    monkeypatch.setattr(protocol, "write_tables", lambda _store, records, prior=(): written.append(list(records)))
 
     early = threading.Thread(target=ctl._maybe_finish, args=("exp",), name="early")
     early.start()
