@@ -132,7 +132,7 @@ def test_submit_watch_results_equal_the_embedded_run(shared_trio: Trio, tiny_mod
     for a, b in zip(_csv(out / "stability.csv"), _csv(emb / "stability.csv")):
         for col in a:
             if col.startswith(("kl_", "entropy", "margin")):
-                assert float(a[col]) == pytest.approx(float(b[col]), abs=1e-6), col
+                assert float(a[col]) == pytest.approx(float(b[col]), abs=1e-5 if "_delta_" in col else 1e-6), col
     import json
 
     s_sum, e_sum = json.loads((out / "summary.json").read_text()), json.loads((emb / "summary.json").read_text())
@@ -264,7 +264,8 @@ def test_two_strategies_equal_the_embedded_run(shared_trio: Trio, tiny_model_dir
         b = stab[(a["strategy"], a["step"])]
         for col in a:  # fp32 forwards on one thread (services) and two (here): equal to fp32's precision
             if col.startswith(("kl_", "entropy", "margin")):
-                assert float(a[col]) == pytest.approx(float(b[col]), rel=1e-6, abs=1e-6), (a["strategy"], col)
+                tol = 1e-5 if "_delta_" in col else 1e-6  # a delta of two ~10-nat values keeps fp32's noise
+                assert float(a[col]) == pytest.approx(float(b[col]), rel=1e-6, abs=tol), (a["strategy"], col)
     s_sum, e_sum = json.loads((out / "summary.json").read_text()), json.loads((emb / "summary.json").read_text())
     assert [(o["strategy"], o["metrics"]) for o in s_sum["orders"]] == [
         (o["strategy"], o["metrics"]) for o in e_sum["orders"]]
