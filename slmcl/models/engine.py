@@ -93,6 +93,7 @@ class Engine:
         # stage's measurement (``drift_rows``), so a checkpoint still costs one forward per reference row.
         self._policy_rows: DriftRows | None = None
         self._task_base: dict[str, tuple[torch.Tensor, DriftRows]] = {}  # p_0 of each task's drift prompts
+        self._task_prompt_memo: dict[str, tuple[str, list[list[int]]]] = {}  # see _task_prompts
         self._base_reference_accuracy: tuple[str, float] | None = None
         self._svd_cache: dict[str, torch.Tensor] = {}  # left singular vectors of base weights (attribution)
 
@@ -449,7 +450,16 @@ class Engine:
 
     def _task_prompts(self, task: TaskSpec, n: int) -> tuple[str, list[list[int]]]:
         """``n`` evenly spaced training prompts of a task (the rows a stage trains on), rendered as for
-        evaluation, and the key of what their base distributions depend on."""
+        evaluation, and the key of what their base distributions depend on. Kept per engine: a stage asks
+        for them before and after it trains, and reading, hashing and tokenizing the file again would repeat
+        the same work."""
+        memo = json.dumps([task.train_file, task.name, task.instruction, n, self.spec.training.max_examples,
+                           self.renderer.fingerprint()], sort_keys=True, default=str)
+        if memo not in self._task_prompt_memo:
+            self._task_prompt_memo[memo] = self._read_task_prompts(task, n)
+        return self._task_prompt_memo[memo]
+
+    def _read_task_prompts(self, task: TaskSpec, n: int) -> tuple[str, list[list[int]]]:
         rows = load_examples(task.train_file, limit=self.spec.training.max_examples)
         picked = [rows[i * len(rows) // n] for i in range(n)] if len(rows) > n else rows
         ids = reference_prompt_ids(self.loaded, self.renderer, [dataclasses.replace(r, task_name=task.name)
