@@ -158,10 +158,16 @@ def event_pb(exp_id: str, eid: str, f: dict[str, str], state: str) -> monitor_pb
                     for t, s in data["scores"].items()],
             stability=common_pb2.Stability(
                 num_reference_examples=int(data["stability"].get("num_reference_examples", 0)),
-                values={k: float(v) for k, v in data["stability"].items()
-                        if k != "num_reference_examples" and v is not None}),
+                values=_stability_values(data["stability"])),
         ))
     return ev
+
+
+def _stability_values(stability: dict[str, Any]) -> dict[str, float]:
+    """The scalar drift columns for the wire's map<string, double>; nested breakdowns (reference accuracy by
+    task) travel in the event's data_json and in the stored records, which is where the tables read them."""
+    return {k: float(v) for k, v in stability.items()
+            if k != "num_reference_examples" and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def file_chunks(data: bytes, name: str) -> Iterator[common_pb2.FileChunk]:

@@ -262,6 +262,26 @@ class MonitoringSpec:
         "per layer, the share of reference KL removed when that layer's update is disabled (a forward per layer)"
     ))] = False
     layer_ablation_examples: Annotated[Int, Field(ge=1, le=4096)] = 16
+    reference_accuracy: Annotated[Bool, Field(description=(
+        "accuracy on the reference set's rows by generation (per task of its rows) at every checkpoint, beside "
+        "the drift (reference_accuracy.csv); costs a generation pass over the reference rows per checkpoint"
+    ))] = True
+
+
+@dataclass(frozen=True, config=_CONFIG)
+class MlflowSpec:
+    """An MLflow tracking server the results are also logged to (needs the ``mlflow`` extra)."""
+
+    uri: Annotated[Str, Field(min_length=1, description="tracking URI, e.g. http://127.0.0.1:5000")]
+    experiment: Annotated[Str, Field(description="MLflow experiment name (default: the spec's name)")] = ""
+    log_adapters: Annotated[Bool, Field(description="upload every stage's LoRA checkpoint as artifacts")] = True
+
+
+@dataclass(frozen=True, config=_CONFIG)
+class TrackingSpec:
+    """Experiment trackers that receive params, per-stage metrics, figures and adapters (all optional)."""
+
+    mlflow: MlflowSpec | None = None
 
 
 PolicyAction = Literal["alert", "stop", "revert", "early-stop"]
@@ -374,6 +394,7 @@ class ExperimentSpec:
     policy: Annotated[list[PolicyRule], Field(description=(
         "stability rules checked after every stage (early-stop: during it); see README 'Stability policy'"
     ))] = field(default_factory=list)
+    tracking: Annotated[TrackingSpec, Section] = field(default_factory=TrackingSpec)
     strategy: Annotated[StrategySpec, Section] = field(default_factory=StrategySpec)
     strategies: Annotated[
         list[Annotated[StrategySpec, BeforeValidator(_strategy_input, json_schema_input_type=Str | StrategySpec)]],

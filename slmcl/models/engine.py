@@ -94,7 +94,7 @@ class Engine:
         self._policy_rows: DriftRows | None = None
         self._task_base: dict[str, tuple[torch.Tensor, DriftRows]] = {}  # p_0 of each task's drift prompts
         self._task_prompt_memo: dict[str, tuple[str, list[list[int]]]] = {}  # see _task_prompts
-        self._base_reference_accuracy: tuple[str, float] | None = None
+        self._base_reference_accuracy: tuple[str, dict[str, tuple[float, int]]] | None = None
         self._svd_cache: dict[str, torch.Tensor] = {}  # left singular vectors of base weights (attribution)
 
     @classmethod
@@ -483,8 +483,12 @@ class Engine:
             logp = self._prompt_logprobs(model, ids, [task.name] * len(ids))
         return summarize_drift(drift_rows(logp, base_logp), base_rows)
 
-    def reference_accuracy(self, *, base: bool = False) -> float:
-        """Accuracy on the reference set's own rows by generation, each row scored by its task's kind."""
+    def reference_accuracy(self, *, base: bool = False) -> dict[str, tuple[float, int]]:
+        """Accuracy on the reference set's own rows by generation: per task of its rows, (score sum, rows).
+
+        Each row is scored by its task's kind, so the reference set doubles as a small held-out benchmark
+        read beside the drift on the same prompts. The base's is computed once per reference set.
+        """
         key = self.reference().cache_key
         if base and self._base_reference_accuracy is not None and self._base_reference_accuracy[0] == key:
             return self._base_reference_accuracy[1]
@@ -493,11 +497,10 @@ class Engine:
             by_task.setdefault(row.task_name, []).append(row)
         work = [(self._reference_task(name), rows) for name, rows in by_task.items()]
         evals = self._evaluate(work, base=base, on_progress=None)
-        total = sum(e.total for e in evals)
-        accuracy = sum(e.score_sum for e in evals) / total if total else float("nan")
+        result = {e.task: (e.score_sum, e.total) for e in evals}
         if base:
-            self._base_reference_accuracy = (key, accuracy)
-        return accuracy
+            self._base_reference_accuracy = (key, result)
+        return result
 
     def _reference_task(self, name: str) -> TaskSpec:
         for t in self.spec.tasks:

@@ -18,7 +18,9 @@ writer builds keys with these functions, so a layout change is one edit here.
     scores.csv, stability.csv, train_loss.csv, summary.json,
     comparison.csv, comparison.md,
     interventions.csv, estimates.csv,
-    drift_attribution.csv, per_task.csv        tables rebuilt from the stage records
+    drift_attribution.csv, per_task.csv,
+    reference_accuracy.csv                     tables rebuilt from the stage records
+    tracking.json                              the tracker runs these results are mirrored to (tracking.mlflow)
 
 Store-wide (outside any experiment): ``datasets/<sha256>.json`` (content-addressed uploads) and
 ``cache/`` (base evaluations and base distributions, keyed by what they depend on).
@@ -36,9 +38,11 @@ DATA_JSON = "data.json"  # sha256, rows and bytes of every data file the results
 SPEC_YAML = "spec.yaml"
 EXPERIMENT_JSON = "experiment.json"
 ENVIRONMENT_JSON = "environment.json"  # slmcl run: device and versions the results were computed with
+TRACKING_JSON = "tracking.json"  # the MLflow parent run the results are mirrored to (slmcl.tracking)
 REPORT_DIR = "report"  # slmcl run writes its report (index.html, tables/, figures/) here
 TABLES = ("scores.csv", "stability.csv", "train_loss.csv", "summary.json", "comparison.csv", "comparison.md",
-          "interventions.csv", "estimates.csv", "drift_attribution.csv", "per_task.csv")
+          "interventions.csv", "estimates.csv", "drift_attribution.csv", "per_task.csv",
+          "reference_accuracy.csv")
 BASE_RUN = "base"  # the predictions of step 0 are the base model's, shared by every run
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # a LoRA checkpoint is complete when both exist
 MERGED_FILES = ("config.json", "model.safetensors")  # a merged-model checkpoint (OSF) is complete when both exist

@@ -36,7 +36,7 @@ from slmcl.protocol.drift import DriftRows, summarize_drift
 from slmcl.protocol.records import StageRecord, TrainedStage
 from slmcl.protocol.results import read_stages
 from slmcl.protocol.runs import plan_runs
-from slmcl.protocol.tables import write_tables
+from slmcl.protocol.tables import reference_accuracy_columns, write_tables
 from slmcl.storage.local import ArtifactStore, LocalStore, get_dir, put_dir
 
 if TYPE_CHECKING:
@@ -386,9 +386,9 @@ def _after_stage(engine: Engine, tree: ResultsTree, spec: ExperimentSpec, task: 
         measured.update(task_drift_columns(before, task_after))
     reference = engine.reference_drift(tree.store) if policy.needs(rules, "reference") else None
     accuracy = base_accuracy = None
-    if policy.needs(rules, "accuracy"):
-        accuracy, base_accuracy = engine.reference_accuracy(), engine.reference_accuracy(base=True)
-        measured.update({"reference_accuracy": accuracy, "base_reference_accuracy": base_accuracy})
+    if spec.monitoring.reference_accuracy or policy.needs(rules, "accuracy"):
+        measured.update(reference_accuracy_columns(engine.reference_accuracy(), engine.reference_accuracy(base=True)))
+        accuracy, base_accuracy = measured["reference_accuracy"], measured["base_reference_accuracy"]
     signals = policy.Signals(reference, task_after, accuracy, base_accuracy)
     interventions = list(result.interventions) + policy.crossings(
         rules, signals, stage=step, actions=("alert", "stop", "revert"))

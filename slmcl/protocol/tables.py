@@ -36,6 +36,10 @@ STABILITY_COLUMNS = (
     + ["entropy_delta_mean", "margin_delta_mean", "entropy_delta_p95", "margin_delta_p95"] + TASK_DRIFT_COLUMNS
     + ["reference_accuracy", "base_reference_accuracy", "evaluated", "intervention", "order", "model", "strategy"]
 )
+TASK_SEP = ":"  # between a per-task stability key's name and its task: reference_accuracy:fomc
+# Accuracy on the reference rows by generation, per task of the rows, beside the drift on the same prompts.
+REFERENCE_ACCURACY_COLUMNS = ["model", "strategy", "order", "seed", "step", "checkpoint_task", "task", "total",
+                              "accuracy", "base_accuracy", "delta_vs_base"]
 INTERVENTION_COLUMNS = ["strategy", "order", "seed", "stage", "checkpoint_task", "rule", "action", "signal",
                         "statistic", "value", "threshold", "at_step", "kept_step", "total_steps", "starts_from"]
 # Average accuracy per checkpoint: measured where every task was evaluated, else estimated from KL to base.
@@ -82,6 +86,54 @@ def stability_rows(records: Sequence[StageRecord]) -> list[dict[str, Any]]:
     return [{"seed": r.seed, "step": r.step, "checkpoint_task": r.checkpoint_task, **r.stability,
              "evaluated": int(r.evaluated), "intervention": r.action,
              "order": order_id(r.order), "model": r.model, "strategy": r.strategy} for r in records]
+
+
+def reference_accuracy_columns(after: dict[str, tuple[float, int]], base: dict[str, tuple[float, int]],
+                               ) -> dict[str, float | int]:
+    """Reference-set accuracy by generation as stage-record values: pooled over the rows, and per task of the
+    rows as flat ``reference_accuracy:TASK`` / ``base_reference_accuracy:TASK`` / ``reference_rows:TASK`` keys,
+    so a record's stability stays a flat map of numbers (the wire's ``map<string, double>``, seed means)."""
+    def pooled(parts: dict[str, tuple[float, int]]) -> float:
+        total = sum(n for _, n in parts.values())
+        return sum(s for s, _ in parts.values()) / total if total else math.nan
+
+    out: dict[str, float | int] = {"reference_accuracy": pooled(after), "base_reference_accuracy": pooled(base)}
+    for prefix, parts in (("reference_accuracy", after), ("base_reference_accuracy", base)):
+        out.update({f"{prefix}{TASK_SEP}{t}": s / n if n else math.nan for t, (s, n) in sorted(parts.items())})
+    out.update({f"reference_rows{TASK_SEP}{t}": n for t, (_, n) in sorted({**base, **after}.items())})
+    return out
+
+
+def reference_accuracy_by_task(stability: dict[str, Any], *, base: bool = False) -> dict[str, tuple[float, int]]:
+    """The per-task (accuracy, rows) that :func:`reference_accuracy_columns` flattened; empty if not measured."""
+    prefix = f"{'base_' if base else ''}reference_accuracy{TASK_SEP}"
+    return {k[len(prefix):]: (float(v), int(stability.get(f"reference_rows{TASK_SEP}{k[len(prefix):]}", 0)))
+            for k, v in sorted(stability.items()) if k.startswith(prefix)}
+
+
+def reference_accuracy_rows(records: Sequence[StageRecord]) -> list[dict[str, Any]]:
+    """reference_accuracy.csv: per checkpoint (the base as step 0, once per run) and task of the reference rows,
+    the accuracy by generation and its change from the base's; empty where it was not measured."""
+    rows: list[dict[str, Any]] = []
+    base_done: set[str] = set()
+
+    def add(r: StageRecord, step: int, task_name: str, by_task: dict[str, tuple[float, int]],
+            base: dict[str, tuple[float, int]]) -> None:
+        for task, (acc, total) in by_task.items():
+            b = base[task][0] if task in base else None
+            rows.append({"model": r.model, "strategy": r.strategy, "order": order_id(r.order), "seed": r.seed,
+                         "step": step, "checkpoint_task": task_name, "task": task, "total": total,
+                         "accuracy": acc, "base_accuracy": b, "delta_vs_base": None if b is None else acc - b})
+
+    for r in records:
+        after, base = reference_accuracy_by_task(r.stability), reference_accuracy_by_task(r.stability, base=True)
+        if not after or not base:
+            continue
+        if r.run_id not in base_done:
+            base_done.add(r.run_id)
+            add(r, 0, "base", base, base)
+        add(r, r.step, r.checkpoint_task, after, base)
+    return rows
 
 
 def intervention_rows(records: Sequence[StageRecord]) -> list[dict[str, Any]]:
@@ -363,6 +415,7 @@ def write_tables(store: ArtifactStore, records: Sequence[StageRecord], prior: Se
     store.put_bytes("interventions.csv", _csv(INTERVENTION_COLUMNS, intervention_rows(records)))
     store.put_bytes("estimates.csv", _csv(ESTIMATE_COLUMNS, estimate_rows(records, prior)))
     store.put_bytes("drift_attribution.csv", _csv(ATTRIBUTION_COLUMNS, attribution_rows(records)))
+    store.put_bytes("reference_accuracy.csv", _csv(REFERENCE_ACCURACY_COLUMNS, reference_accuracy_rows(records)))
     store.put_bytes("per_task.csv", _csv(PER_TASK_COLUMNS, per_task_rows(records)))
     store.put_bytes("comparison.csv", _csv(COMPARISON_COLUMNS, summary["comparison"]))
     store.put_bytes("comparison.md", comparison_markdown(summary["comparison"]).encode())

@@ -406,6 +406,8 @@ def _accepted(tp: Any) -> set[type]:
     if args and typing.get_origin(tp) not in (list, dict):
         return set().union(*(_accepted(a) for a in args))
     origin = typing.get_origin(tp) or tp
+    if dataclasses.is_dataclass(origin):  # a nested section (tracking.mlflow) is written as a mapping
+        return {origin, dict}
     return {origin, int} if origin is float else {origin}
 
 
