@@ -122,6 +122,19 @@ def cmd_results(args: argparse.Namespace) -> int:
     return 0
 
 
+def fetch_results(args: argparse.Namespace, exp_id: str, out: Path) -> Path:
+    """The records and tables of experiment ``exp_id`` (no adapters) in ``out``: what `slmcl report ID` reads."""
+    pulled: list[Path] = []
+
+    @_grpc_errors
+    def pull(a: argparse.Namespace) -> int:
+        pulled.append(Path(_client(a).results(exp_id, out, include_checkpoints=False)))
+        return 0
+
+    pull(args)
+    return pulled[0]
+
+
 @_grpc_errors
 def cmd_pull(args: argparse.Namespace) -> int:
     out = _client(args).pull(args.id, args.run, args.step, args.out)
@@ -199,6 +212,9 @@ def register(sub: Any) -> None:
         p.add_argument("--server", help="monitor address host:port (default $SLMCL_SERVER or 127.0.0.1:50051)")
         return p
 
+    report = sub.choices.get("report")  # slmcl report EXPERIMENT_ID: the core command, given the results pulled here
+    if isinstance(report, argparse.ArgumentParser):
+        common(report).set_defaults(fetch_results=fetch_results)
     p = common(sub.add_parser("submit", help="submit a spec to the monitor; prints the experiment id"))
     p.add_argument("spec")
     p.add_argument("--request-id", help="idempotency key: the same id returns the same experiment")

@@ -84,14 +84,24 @@ def cmd_report(args: argparse.Namespace) -> int:
     from slmcl.errors import NotFoundError
 
     results = Path(args.results)
-    if not results.is_dir():
-        raise NotFoundError(f"{results}: no such results directory (for an experiment of the services: "
-                            f"`slmcl results {args.results} --out DIR` pulls it with its report)")
+    # The services' client (service_common.client_cli) adds this: an experiment id is pulled from the monitor.
+    fetch: Callable[[argparse.Namespace, str, Path], Path] | None = getattr(args, "fetch_results", None)
+    if not results.is_dir() and (fetch is None or os.sep in args.results):
+        raise NotFoundError(f"{results}: no such results directory" + (
+            "" if fetch else " (an experiment id of the services needs the client: pip install 'slmcl[client]')"))
     try:
         from slmcl.report import build_report
     except ImportError as exc:  # matplotlib: the report extra
         raise NotFoundError(f"the report needs matplotlib ({exc}): pip install 'slmcl[report]'") from None
-    print(build_report(results, args.out or results / "report"))
+    if results.is_dir():
+        print(build_report(results, args.out or results / "report"))
+        return 0
+    assert fetch is not None
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="slmcl-report-") as tmp:  # the tables and records, not the adapters
+        pulled = fetch(args, args.results, Path(tmp) / "results")
+        print(build_report(pulled, args.out or Path(f"{args.results}-report")))
     return 0
 
 
@@ -183,8 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     rp = sub.add_parser("report", help="tables (Markdown, CSV, LaTeX), figures (PNG, SVG) and one self-contained "
                                        "HTML page of a results directory")
-    rp.add_argument("results", help="an slmcl results directory")
-    rp.add_argument("--out", help="where to write it (default RESULTS/report); files of yours there are kept")
+    rp.add_argument("results", help="an slmcl results directory, or an experiment id of the services")
+    rp.add_argument("--out", help="where to write it (default RESULTS/report, or ID-report for an experiment id); "
+                                  "files of yours there are kept")
     rp.set_defaults(func=cmd_report)
 
     t = sub.add_parser("tables", help="rebuild a results directory's tables from its stage records, and print them")

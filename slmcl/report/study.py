@@ -265,11 +265,11 @@ def load_study(path: str | Path) -> Study:
         spec_text = ""
     records = read_stages(LocalStore(root))
     study = Study(root, records, spec, spec_text, stage_files=sorted(root.glob("runs/*/stage-*.json")))
-    study.groups = _groups(records, [tuple(o) for o in spec.get("orders") or [] if isinstance(o, list)], spec)
+    study.groups = groups_of(records, [tuple(o) for o in spec.get("orders") or [] if isinstance(o, list)], spec)
     return study
 
 
-def _groups(records: Sequence[StageRecord], spec_orders: Sequence[Order], spec: dict[str, Any]) -> list[OrderGroup]:
+def groups_of(records: Sequence[StageRecord], spec_orders: Sequence[Order], spec: dict[str, Any]) -> list[OrderGroup]:
     runs: dict[tuple[str, str, Order, int], list[StageRecord]] = {}
     for r in records:
         runs.setdefault((r.model, r.strategy, tuple(r.order), r.seed), []).append(r)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from slmcl.protocol.layout import order_id
+from slmcl.protocol.tables import per_task_rows, reference_accuracy_rows
 from slmcl.report.study import NO_STAT, OrderGroup, Stat, Study, order_text
 
 Kind = Literal["model", "text", "order", "int", "stat"]
@@ -255,6 +256,8 @@ def cl_metrics_table(study: Study) -> Table:
 STABILITY_KEYS = (("entropy_delta", "ΔEntropy", "entropy_delta_mean"),
                   ("margin_delta", "ΔMargin", "margin_delta_mean"),
                   ("kl_to_base", "KL to base (mean)", "kl_to_base_mean"),
+                  ("entropy_delta_p95", "ΔEntropy (p95)", "entropy_delta_p95"),
+                  ("margin_delta_p95", "ΔMargin (p95)", "margin_delta_p95"),
                   ("kl_to_base_p95", "KL to base (p95)", "kl_to_base_p95"))
 
 
@@ -327,6 +330,59 @@ def order_table(study: Study) -> Table:
     return t
 
 
+PER_TASK_KEYS = (("base_acc", "Base"), ("previous_acc", "Before learning"), ("learned_acc", "After learning"),
+                 ("final_acc", "Final"), ("forgetting", "Forgetting"), ("bwt", "BWT"), ("fwt", "FWT"),
+                 ("next_task_fwt", "Next-task FWT"))
+
+
+def per_task_table(study: Study) -> Table:
+    """Forgetting and transfer by task (the study's per-task breakdown), from ``per_task.csv``'s definitions."""
+    t = Table("per_task", "Forgetting and transfer by task",
+              "Per model, order and task (at its position in the order): its base accuracy R[0][j], before learning "
+              "R[j−1][j], after learning R[j][j], final R[K][j], forgetting (max over l in [j, K−1] of R[l][j] − "
+              "R[K][j]), BWT R[K][j] − R[j][j], FWT R[j−1][j] − R[0][j] and next-task FWT R[j][j+1] − R[0][j+1]. "
+              + _seeds_note(study),
+              [*_lead(study), Column("order", "Order", "order"), Column("position", "Position", "int"),
+               Column("task", "Task"), *(Column(k, label, "stat") for k, label in PER_TASK_KEYS),
+               Column("seeds", "Seeds", "int")],
+              model_labels=study.model_labels)
+    for g in study.groups:
+        rows = per_task_rows([rec for run in g.runs for rec in run.records])
+        for j, task in enumerate(g.order, start=1):
+            cells = [r for r in rows if r["position"] == j]
+            if cells:
+                t.rows.append({**_base_row(study, g), "position": j, "task": task, "seeds": len(cells),
+                               **{k: Stat.of([c[k] for c in cells]) for k, _ in PER_TASK_KEYS}})
+    return t
+
+
+def reference_accuracy_table(study: Study) -> Table:
+    """Accuracy on the reference set's rows by generation (per task of its rows) beside the drift of those rows."""
+    t = Table("reference_accuracy", "Reference-set accuracy by generation",
+              "Per model, order and checkpoint: accuracy on the reference rows of each task (greedy generation, "
+              "scored by the task's kind), its change from the base, and the KL to base on the same prompts. "
+              + _seeds_note(study),
+              [*_lead(study), Column("order", "Order", "order"), Column("step", "Step", "int"),
+               Column("checkpoint", "Checkpoint"), Column("task", "Rows of"), Column("rows", "Rows", "int"),
+               Column("accuracy", "Accuracy", "stat"), Column("delta_vs_base", "Δ vs base", "stat"),
+               Column("kl_to_base", "KL to base (mean)", "stat"), Column("seeds", "Seeds", "int")],
+              model_labels=study.model_labels)
+    for g in study.groups:
+        rows = reference_accuracy_rows([rec for run in g.runs for rec in run.records])
+        for k in sorted({r["step"] for r in rows}):
+            for task in dict.fromkeys(r["task"] for r in rows if r["step"] == k):
+                cells = [r for r in rows if r["step"] == k and r["task"] == task]
+                t.rows.append({**_base_row(study, g), "step": k, "checkpoint": g.checkpoint_label(k), "task": task,
+                               "rows": cells[0]["total"], "accuracy": Stat.of([c["accuracy"] for c in cells]),
+                               "delta_vs_base": Stat.of([c["delta_vs_base"] for c in cells]),
+                               "kl_to_base": g.stability(k, "kl_to_base_mean") if k else Stat.of([0.0] * len(cells)),
+                               "seeds": len(cells)})
+    return t
+
+
 def study_tables(study: Study) -> list[Table]:
-    return [acquisition_table(study), cl_metrics_table(study), stability_table(study), order_table(study)]
+    tables = [acquisition_table(study), cl_metrics_table(study), stability_table(study), order_table(study),
+              per_task_table(study)]
+    reference = reference_accuracy_table(study)
+    return tables + ([reference] if reference.rows else [])
 

@@ -124,6 +124,18 @@ def test_submit_watch_results_equal_the_embedded_run(shared_trio: Trio, tiny_mod
     out = client.results(exp.id, tmp_path / "service")
     emb = tmp_path / "embedded"
 
+    # `slmcl report ID`: the same report as from the pulled results, written where --out says
+    from slmcl.cli.main import main as slmcl_main
+
+    assert slmcl_main(["report", exp.id, "--server", trio.monitor_address, "--out", str(tmp_path / "rep")]) == 0
+    from slmcl.report import build_report
+
+    build_report(out, tmp_path / "rep-local")
+    tables = sorted((tmp_path / "rep-local" / "tables").iterdir())
+    assert (tmp_path / "rep" / "index.html").is_file() and tables
+    assert [p.read_text() for p in tables] == [(tmp_path / "rep" / "tables" / p.name).read_text() for p in tables]
+    assert slmcl_main(["report", "no-such-experiment", "--server", trio.monitor_address]) == 2
+
     def key(r: dict[str, str]) -> tuple:
         return r["seed"], r["step"], r["eval_task"]
 
