@@ -19,7 +19,7 @@ EXECUTOR_THREADS = 32
 STOP_GRACE_SECONDS = 5.0
 
 
-async def serve(host: str, port: int) -> None:
+async def serve(host: str, port: int, dashboard_host: str = "127.0.0.1", dashboard_port: int | None = None) -> None:
     import grpc.aio
     from grpc_health.v1 import health_pb2, health_pb2_grpc
     from grpc_health.v1.health import aio as health_aio
@@ -45,6 +45,11 @@ async def serve(host: str, port: int) -> None:
     except SlmclError as exc:  # no credentials, a bad SLMCL_STORE_URL: one line, not a traceback
         raise SystemExit(f"monitor: object store: {exc}") from None
     control = Control(settings, store, redis_from_url(settings.redis_url), EvaluatorPool(settings.evaluators))
+    dashboard = None
+    if dashboard_port is not None:  # the read-only live page (monitor_service/dashboard.py): off unless asked for
+        from monitor_service.dashboard import ControlSource, start_dashboard
+
+        dashboard = start_dashboard(ControlSource(control), dashboard_host, dashboard_port)  # refuses an open bind
     await asyncio.to_thread(control.start)
     aredis = async_redis_from_url(settings.redis_url)  # watch streams wait out a Redis restart too
 
@@ -71,6 +76,9 @@ async def serve(host: str, port: int) -> None:
     await stopping.wait()
     log.info("stopping: health NOT_SERVING, in-flight calls get %.0f s", STOP_GRACE_SECONDS)
     await health.enter_graceful_shutdown()
+    if dashboard is not None:
+        await asyncio.to_thread(dashboard.shutdown)
+        dashboard.server_close()
     await asyncio.to_thread(control.stop)
     await server.stop(grace=STOP_GRACE_SECONDS)  # watchers are cancelled at the end of the grace
     await aredis.aclose()
@@ -80,10 +88,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m monitor_service")
     parser.add_argument("--host", default=os.environ.get("SLMCL_MONITOR_HOST", "0.0.0.0"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("SLMCL_MONITOR_PORT", "50051")))
+    # A string default goes through type=int too: a bad SLMCL_DASHBOARD_PORT is a usage error, not a traceback.
+    parser.add_argument("--dashboard-port", type=int,
+                        default=os.environ.get("SLMCL_DASHBOARD_PORT", "").strip() or None,
+                        help="serve the live dashboard on this port (default: off; SLMCL_DASHBOARD_PORT)")
+    parser.add_argument("--dashboard-host", default=os.environ.get("SLMCL_DASHBOARD_HOST", "127.0.0.1"),
+                        help="its address (default 127.0.0.1; off loopback it needs SLMCL_TOKENS: docs/deploy.md)")
     args = parser.parse_args()
     logging.basicConfig(level=os.environ.get("SLMCL_LOG_LEVEL", "INFO").upper(),
                         format="%(asctime)s monitor %(levelname)s %(name)s: %(message)s")
-    asyncio.run(serve(args.host, args.port))
+    asyncio.run(serve(args.host, args.port, args.dashboard_host, args.dashboard_port))
 
 
 if __name__ == "__main__":

@@ -527,7 +527,10 @@ def test_ports_agree_between_commands_healthchecks_and_addresses(base: dict[str,
     assert mon_env["SLMCL_EVALUATORS"] == f"dns:///evaluator:{ev_port}", "the monitor must find every replica by DNS"
     assert str(ev_port) in [str(p) for p in svcs["evaluator"].get("expose", [])]
     targets = [published(p)[2] for p in svcs["monitor"]["ports"]]
-    assert targets == [mon_port], f"monitor publishes {targets}, listens on {mon_port}"
+    dash_port = int(env_of(svcs["monitor"])["SLMCL_DASHBOARD_PORT"])
+    assert targets == [mon_port, dash_port], f"monitor publishes {targets}, listens on {mon_port} and {dash_port}"
+    dash_ip, dash_host_port, _ = published(svcs["monitor"]["ports"][1])
+    assert dash_ip == "127.0.0.1" and dash_host_port and "DASHBOARD_PORT" in dash_host_port  # loopback only
     ip, host_port, _ = published(svcs["monitor"]["ports"][0])
     assert host_port and "MONITOR_PORT" in host_port
     for name in SLMCL_SERVICES:
