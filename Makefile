@@ -9,7 +9,7 @@ PIP := $(VENV)/bin/pip
 DATA_DIR ?= $(abspath ../shared/data/trace/llm-cl-500)
 export SLMCL_DATA_DIR ?= $(DATA_DIR)
 
-.PHONY: setup dev-setup proto demo demo-compare lint test test-fast redis bench bench-service bench-gpu clean stack stack-status stack-stop
+.PHONY: setup dev-setup proto demo demo-compare lint test test-fast redis chromium bench bench-service bench-gpu clean stack stack-status stack-stop
 
 $(VENV)/.installed: requirements.txt requirements-report.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,8 +20,8 @@ $(VENV)/.installed: requirements.txt requirements-report.txt pyproject.toml
 	$(PIP) install -q --no-deps --config-settings editable_mode=compat -e .
 	@touch $@
 
-$(VENV)/.dev-installed: $(VENV)/.installed requirements-dev.txt
-	$(PIP) install -q -r requirements-dev.txt
+$(VENV)/.dev-installed: $(VENV)/.installed requirements-dev.txt requirements-tracking.txt
+	$(PIP) install -q -r requirements-dev.txt -r requirements-tracking.txt
 	@touch $@
 
 PROTOS := $(wildcard proto/slmcl_api/v1/*.proto)
@@ -51,6 +51,12 @@ redis:                       ## redis-server from the system packages, when abse
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null) \
 	  || sudo sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null'; }
 
+chromium:                    ## headless Chromium and its driver (Debian packages) for the browser tests, when absent
+	@{ test -x /usr/bin/chromium && test -x /usr/bin/chromedriver; } || { \
+	  echo "installing chromium chromium-driver (apt)"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) \
+	  || sudo sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null'; }
+
 lint: dev-setup              ## ruff (style, imports, bugbear, pyupgrade) and mypy; settings in pyproject.toml
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
@@ -58,7 +64,7 @@ lint: dev-setup              ## ruff (style, imports, bugbear, pyupgrade) and my
 # Two workers (pytest-xdist), a test file per worker at a time (module fixtures start their servers once):
 # the service and fault tests mostly wait on processes and outages, so the suite takes about half as long.
 TEST_WORKERS ?= 2
-test: lint redis             ## lint, then the whole suite (unit, end-to-end, services); TEST_WORKERS=0 runs it serially
+test: lint redis chromium    ## lint, then the whole suite (unit, end-to-end, services); TEST_WORKERS=0 runs it serially
 	$(PY) -m pytest -q -p no:cacheprovider $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile) tests
 
 test-fast: dev-setup         ## what needs no real model and starts no server (< 2 min on 2 cores)

@@ -56,12 +56,15 @@ from slmcl.protocol.tables import live_estimate
 from slmcl.storage.local import ArtifactStore
 from slmcl.storage.prefixed import PrefixedStore
 from slmcl.tasks.data import scan_data
+from slmcl.tracking import NullTracker, Tracker, check_tracking, open_tracker
 
 log = logging.getLogger(__name__)
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 PRIOR_PREFIX = "experiment:"  # evaluation.calibration_prior in the services: another experiment of the server
 RESUMABLE = ("failed", "cancelled")
+MLFLOW_MISSING = ("tracking.mlflow: this server's monitor cannot log to MLflow (the mlflow package is not installed "
+                  "in its image: requirements-tracking.txt); remove tracking.mlflow from the spec, or ask the operator")
 PENDING_SWEEP_SECONDS = 10.0  # how often stage notices left unacknowledged (an outage) are handled again
 
 
@@ -112,6 +115,8 @@ class Control:
         # Bumped by each resume: background work started before it (a base stage or a stage handler still
         # retrying an outage) must not fail the resumed experiment when it finally gives up.
         self._epochs: dict[str, int] = {}
+        self._trackers: dict[str, Tracker] = {}  # per experiment: its syncs to the tracking server, serialized
+        self._trackers_lock = threading.Lock()
 
     # ------------------------------------------------------------------ submit / read
     def submit(self, spec_json: str, files: Sequence[SubmittedFile], client_request_id: str) -> str:
@@ -120,6 +125,7 @@ class Control:
             if existing:
                 return text(existing)
         spec = parse_spec_json(spec_json)
+        check_tracking(spec, MLFLOW_MISSING)
         limits = self.settings
         n_runs = len(plan_runs(spec))
         if n_runs > limits.max_runs_per_experiment:
@@ -463,9 +469,31 @@ class Control:
         spec, tree = self.spec(exp_id), self.tree(exp_id)
         with self._tables_lock:
             records = tree.write_tables(self._prior(spec))
-            if len(records) >= expected_records(spec, tree) and self.state(exp_id) == "running":
+            complete = len(records) >= expected_records(spec, tree) and self.state(exp_id) == "running"
+        tracker = self._tracker(exp_id, spec, tree)  # before "succeeded": who sees it finds the tracker complete
+        if complete:
+            tracker.finished(records)
+        else:
+            tracker.sync(records)
+        with self._tables_lock:
+            if complete and self.state(exp_id) == "running":
                 self._set_state(exp_id, "succeeded")
                 self.event(exp_id, "experiment_done")
+
+    def _tracker(self, exp_id: str, spec: ExperimentSpec, tree: ResultsTree) -> Tracker:
+        """The experiment's tracker (``tracking`` in its spec): it never raises, a failure is a warning event."""
+        def warn(message: str) -> None:
+            self.event(exp_id, "tracking_warning", data={"message": message})
+
+        with self._trackers_lock:
+            if exp_id not in self._trackers:
+                try:
+                    self._trackers[exp_id] = open_tracker(spec, tree, warn, source=f"experiment:{exp_id}")
+                except SpecError as exc:  # mlflow gone from this monitor since the submit: the results are unaffected
+                    log.warning("experiment %s: %s", exp_id, exc)
+                    warn(str(exc))
+                    self._trackers[exp_id] = NullTracker()
+            return self._trackers[exp_id]
 
     def _fail(self, exp_id: str, message: str) -> None:
         if self.state(exp_id) in TERMINAL:

@@ -115,6 +115,9 @@ class ProgressDisplay:
         elif kind == "intervention":
             self._close_phase()
             self.write(intervention_line(rid, stage, task, data))
+        elif kind == "tracking_warning":
+            self._close_phase()
+            self.write(f"  warning: {data['message']}")
         elif kind == "stage_done":
             self._close_phase()
             self.write(f"  stage {stage} after {task}: {stage_summary(data)} | {data['seconds']:.0f} s")

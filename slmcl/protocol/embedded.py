@@ -44,6 +44,7 @@ from slmcl.protocol.stages import (
 from slmcl.protocol.tables import live_estimate
 from slmcl.storage.local import LocalStore
 from slmcl.tasks.data import DataSummary, check_data, load_examples, spec_data_files
+from slmcl.tracking import NullTracker, Tracker, open_tracker
 
 if TYPE_CHECKING:
     from slmcl.config.spec import ExperimentSpec, TaskSpec
@@ -54,7 +55,7 @@ __all__ = ["Event", "ExperimentRunner", "LocalEvaluator", "ProgressCallback", "c
            "mark_results", "run_experiment"]
 
 # Settings whose change makes old results incomparable; seeds, orders and names may grow.
-_RESUME_IGNORED = ("name", "seeds", "orders", "output_dir", "device")
+_RESUME_IGNORED = ("name", "seeds", "orders", "output_dir", "device", "tracking")
 
 
 def _comparable(spec_dict: dict[str, Any]) -> dict[str, Any]:
@@ -225,6 +226,7 @@ class ExperimentRunner:
         self.progress = progress or (lambda e: None)
         self._engine = engine
         self._evaluator: LocalEvaluator | None = None
+        self.tracker: Tracker = NullTracker()
 
     @property
     def store(self) -> LocalStore:
@@ -269,11 +271,15 @@ class ExperimentRunner:
     def run(self) -> Path:
         spec, tree = self.spec, self.tree
         data = check_resumable(tree, spec)
+        self.tracker = open_tracker(spec, tree, self._tracking_warning, source=str(Path(spec.output_dir).resolve()),
+                                    report_dir=Path(spec.output_dir) / layout.REPORT_DIR)
         self.preflight()
         tree.write_spec(spec)
         mark_results(tree, data)
         runs = plan_runs(spec)
-        done = tree.committed()
+        records = tree.records()
+        done = {(r.run_id, r.step) for r in records}
+        self.tracker.sync(records)  # the tracker's run now, and whatever an earlier session could not log
         finished = sum(1 for r in runs for k in range(1, len(r.order) + 1) if (r.run_id, k) in done)
         self.progress(Event("experiment_started", data={
             "runs": len(runs), "stages": sum(len(r.order) for r in runs), "stages_done": finished,
@@ -287,10 +293,15 @@ class ExperimentRunner:
         finally:
             if self._evaluator is not None:
                 self._evaluator.close()
-        tree.write_tables(self.prior)
+        records = tree.write_tables(self.prior)
         self._write_report()
+        self.tracker.finished(records)
         self.progress(Event("experiment_done", data={"output_dir": spec.output_dir}))
         return Path(spec.output_dir)
+
+    def _tracking_warning(self, message: str) -> None:
+        """The tracking server failed a call: the experiment goes on, and the user is told what is not logged."""
+        self.progress(Event("tracking_warning", data={"message": message}))
 
     def _write_report(self) -> None:
         """The report (tables, figures, one HTML page) beside the results: ``<output_dir>/report/``."""
@@ -356,6 +367,7 @@ class ExperimentRunner:
                         self._eval_progress(rid, trained.step))
             rec = commit_stage(self.tree, spec, trained, m)
             records = self.tree.write_tables(self.prior)
+            self.tracker.sync(records)
             t0 = stage_t0.get(trained.step, t_measure)
             self.progress(Event("stage_done", rid, trained.step, trained.task, {
                 "scores": m.scores, "stability": rec.stability, "train_seconds": trained.train.get("seconds"),
