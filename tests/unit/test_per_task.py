@@ -44,3 +44,11 @@ def test_a_stopped_run_and_a_missing_row() -> None:
     a = per_task_rows(_records(sparse))[0]
     assert a["learned_acc"] is None and a["forgetting"] is None and a["bwt"] is None  # never guessed
     assert a["final_acc"] == 0.5
+
+
+def test_forgetting_is_from_the_peak_not_from_when_learned() -> None:
+    # a keeps improving after it is learned (0.8 -> 0.9 at step 2), then falls to 0.5: forgetting counts from
+    # the peak (0.4), where the study's -BWT counts from when it was learned (0.3)
+    later_peak = {**R, 2: {**R[2], "a": 0.9}}
+    a = per_task_rows(_records(later_peak))[0]
+    assert a["forgetting"] == pytest.approx(0.9 - 0.5) and -a["bwt"] == pytest.approx(0.8 - 0.5)
