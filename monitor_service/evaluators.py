@@ -173,8 +173,9 @@ class EvaluatorPool:
             replica = self._acquire(tried, time.monotonic() + wait_seconds)
             ok = False
             try:
-                # A replica that is gone (killed, scaled down) must fail fast: calls wait for a ready channel,
-                # and a dead one would hold this request until the deadline of the whole evaluation.
+                # A replica that is gone (killed, scaled down) must fail fast, so the call itself does not wait
+                # for a ready channel (no ``wait_for_ready``): one that dies between this check and the call
+                # answers UNAVAILABLE at once instead of holding the request until the evaluation's deadline.
                 try:
                     grpc.channel_ready_future(replica.channel).result(timeout=CONNECT_SECONDS)
                 except grpc.FutureTimeoutError:
@@ -209,7 +210,7 @@ class EvaluatorPool:
 
         def call(replica: _Replica) -> evaluator_pb2.EvaluateResult:
             result = None
-            for msg in replica.stub.Evaluate(request, wait_for_ready=True, timeout=wait_seconds):
+            for msg in replica.stub.Evaluate(request, timeout=wait_seconds):
                 if msg.HasField("progress") and on_progress is not None:
                     on_progress(msg.progress.done, msg.progress.total)
                 elif msg.HasField("result"):
@@ -230,7 +231,7 @@ class EvaluatorPool:
         like ``evaluate``."""
 
         def call(replica: _Replica) -> evaluator_pb2.DriftResult:
-            result = replica.stub.Drift(request, wait_for_ready=True, timeout=wait_seconds)
+            result = replica.stub.Drift(request, timeout=wait_seconds)
             drift_rows(result)  # a malformed answer is a failed attempt, not a wrong number
             return result
 

@@ -25,6 +25,11 @@ TERMINAL_STATES = (monitor_pb2.SUCCEEDED, monitor_pb2.FAILED, monitor_pb2.CANCEL
 # A watch stream broken by one of these (a monitor restart, a server-side outage past its budget) is reopened.
 RECONNECT_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL,
                    grpc.StatusCode.UNKNOWN, grpc.StatusCode.ABORTED)
+# These also mean a bug in the server, which no wait fixes: a stream cut by a dying monitor gives one or two,
+# a server that fails every stream the same way gives them forever. Past this many in a row without an
+# event in between, the watch raises instead of spending the whole retry budget on reconnect warnings.
+SERVER_ERROR_CODES = (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
+SERVER_ERROR_RECONNECTS = 3
 
 log = logging.getLogger("slmcl.client")
 
@@ -75,25 +80,31 @@ class MonitorClient:
         A stream that breaks, or ends while the experiment still runs (a monitor shutting down), is
         opened again with ``after_event_id`` of the last event yielded, so nothing is repeated or lost.
         Waits back off with jitter; an outage longer than the retry budget (``SLMCL_RETRY_BUDGET_SECONDS``)
-        raises the last error. ``reconnect=False`` is the bare stream.
+        raises the last error, as do ``SERVER_ERROR_RECONNECTS`` server errors in a row. ``reconnect=False``
+        is the bare stream.
         """
         policy = policy or RetryPolicy.from_env()
         last = after
         deadline: float | None = None
         waits: Iterator[float] | None = None
+        server_errors = 0
         while True:
             error: grpc.RpcError | None = None
             try:
                 terminal = False
                 for ev in self.stub.WatchExperiment(monitor_pb2.WatchExperimentRequest(id=exp_id,
                                                                                        after_event_id=last)):
-                    last, deadline, waits = ev.event_id, None, None  # progress: the next outage gets a fresh budget
+                    # progress: the next outage gets a fresh budget
+                    last, deadline, waits, server_errors = ev.event_id, None, None, 0
                     terminal = ev.state in TERMINAL_STATES
                     yield ev
                 if not reconnect or terminal or self.get(exp_id).state in TERMINAL_STATES:
                     return
             except grpc.RpcError as exc:
                 if not reconnect or exc.code() not in RECONNECT_CODES:
+                    raise
+                server_errors = server_errors + 1 if exc.code() in SERVER_ERROR_CODES else 0
+                if server_errors > SERVER_ERROR_RECONNECTS:
                     raise
                 error = exc
             if deadline is None or waits is None:

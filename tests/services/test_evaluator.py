@@ -292,6 +292,22 @@ def test_errors_map_to_status_codes(evaluator: Evaluator, make_spec) -> None:  #
     assert is_outage(EvaluationFailed("127.0.0.1:1: not reachable within 20 s"))
 
 
+def test_a_replica_gone_after_its_readiness_check_fails_in_seconds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The race behind a CI hang: a replica is ready when checked and killed before the call lands. The call
+    must answer UNAVAILABLE at once (and be retried), not wait an hour for the channel to come back."""
+
+    class Ready:
+        def result(self, timeout: float | None = None) -> None:
+            return None
+
+    monkeypatch.setattr(grpc, "channel_ready_future", lambda _channel: Ready())
+    pool = EvaluatorPool(f"127.0.0.1:{free_port()}", info_timeout=1.0)  # nothing listens there
+    start = time.monotonic()
+    with pytest.raises(EvaluationFailed, match="UNAVAILABLE"):
+        pool.drift(evaluator_pb2.DriftRequest(experiment_id="x", spec_json="{}"), attempts=2, wait_seconds=120)
+    assert time.monotonic() - start < 15
+
+
 # -- 6. reflection and health, seen by grpcurl -------------------------------------------------
 def test_grpcurl_lists_the_services(evaluator: Evaluator) -> None:
     grpcurl = Path(sys.executable).parent / "grpcurl"
