@@ -1,15 +1,18 @@
-"""Real servers for the service tests: Redis and the S3 gateway on free loopback ports."""
+"""Real servers for the service tests: Redis and the S3 gateway on free loopback ports, and the services
+themselves as processes (``Trio``)."""
 
 from __future__ import annotations
 
 import itertools
 import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from service_common.local_servers import Server, start_redis, start_s3
+from service_common.local_servers import Server, free_port, start_redis, start_s3, stop_pid
 
 ACCESS_KEY = "slmcl-test-access"
 SECRET_KEY = "slmcl-test-secret-key-123"
@@ -112,3 +115,60 @@ def start_process(args: list[str], env: dict[str, str], log_path: Path):  # type
     with open(log_path, "ab") as log:
         return subprocess.Popen([sys.executable, *args], env=env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True, cwd=Path(__file__).resolve().parents[2])
+
+
+class Trio:
+    """The services on loopback, each its own process: ``evaluators`` evaluator replicas, the monitor (with
+    ``monitor_env`` added to its environment) and, with ``trainer``, one trainer worker. Stopped by pid."""
+
+    def __init__(self, env: dict[str, str], logs: Path, evaluators: int = 2,
+                 monitor_env: dict[str, str] | None = None, trainer: bool = True) -> None:
+        self.env, self.logs, self.monitor_env, self.trainer = env, logs, monitor_env or {}, trainer
+        self.procs: dict[str, Any] = {}
+        self.eval_addresses = [f"127.0.0.1:{free_port()}" for _ in range(evaluators)]
+        self.monitor_address = f"127.0.0.1:{free_port()}"
+        self.monitor_starts = 0
+
+    def start_trainer(self, name: str = "trainer-1") -> None:
+        self.procs[name] = start_process(["-m", "trainer_service", "--name", f"{name}-{os.getpid()}"], self.env,
+                                         self.logs / f"{name}.log")
+
+    def start(self) -> None:
+        for i, addr in enumerate(self.eval_addresses, 1):
+            host, port = addr.split(":")
+            env = {**self.env, "SLMCL_REPLICA_ID": f"evaluator-{i}"}
+            self.procs[f"evaluator-{i}"] = start_process(["-m", "evaluator_service", "--host", host, "--port", port],
+                                                         env, self.logs / f"evaluator-{i}.log")
+        self.start_monitor(wait=False)
+        if self.trainer:
+            self.start_trainer()
+        for i, addr in enumerate(self.eval_addresses, 1):
+            self.wait_serving(f"evaluator-{i}", addr)
+        self.wait_serving("monitor", self.monitor_address)
+
+    def start_monitor(self, wait: bool = True) -> None:
+        """The monitor on its address; a restart (after ``kill("monitor")``) logs to monitor-2.log, and so on."""
+        self.monitor_starts += 1
+        host, port = self.monitor_address.split(":")
+        log = "monitor.log" if self.monitor_starts == 1 else f"monitor-{self.monitor_starts}.log"
+        self.procs["monitor"] = start_process(
+            ["-m", "monitor_service", "--host", host, "--port", port],
+            {**self.env, "SLMCL_EVALUATORS": ",".join(self.eval_addresses), **self.monitor_env}, self.logs / log)
+        if wait:
+            self.wait_serving("monitor", self.monitor_address)
+
+    def wait_serving(self, name: str, address: str) -> None:
+        wait_healthy(address, self.procs[name])
+
+    def kill(self, name: str) -> None:
+        proc = self.procs.pop(name)
+        os.killpg(proc.pid, signal.SIGKILL)  # the worker and anything it started, as in a container crash
+        proc.wait()
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            stop_pid(proc.pid)
+
+    def tail(self, chars: int = 3000) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-chars:]}"
+                         for p in sorted(self.logs.glob("*.log")))

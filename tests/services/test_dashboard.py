@@ -9,7 +9,6 @@ drawn from the committed records, all by the page's own polling.
 from __future__ import annotations
 
 import json
-import os
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -19,46 +18,25 @@ from typing import Any
 import pytest
 
 from service_common.client import MonitorClient
-from service_common.local_servers import free_port, stop_pid
+from service_common.local_servers import free_port
 from slmcl.config.spec import spec_from_dict
 from tests.browser import Browser, assert_not_blank, browser  # noqa: F401 - browser is a fixture
 from tests.conftest import tiny_spec_dict
-from tests.services.conftest import start_process, wait_healthy
+from tests.services.conftest import Trio
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 EXPERIMENT_TIMEOUT = 600.0
 
 
-class Services:
+class Services(Trio):
+    """The trio with the monitor's dashboard on its own loopback port."""
+
     def __init__(self, env: dict[str, str], logs: Path) -> None:
-        self.env, self.logs = env, logs
-        self.procs: dict[str, Any] = {}
-        self.evaluator = f"127.0.0.1:{free_port()}"
-        self.monitor = f"127.0.0.1:{free_port()}"
-        self.dashboard = f"http://127.0.0.1:{free_port()}"
-
-    def start(self) -> None:
-        host, port = self.evaluator.split(":")
-        self.procs["evaluator"] = start_process(["-m", "evaluator_service", "--host", host, "--port", port],
-                                                self.env, self.logs / "evaluator.log")
-        host, port = self.monitor.split(":")
-        self.procs["monitor"] = start_process(
-            ["-m", "monitor_service", "--host", host, "--port", port],
-            {**self.env, "SLMCL_EVALUATORS": self.evaluator, "SLMCL_DASHBOARD_PORT": self.dashboard.rsplit(":", 1)[1],
-             "SLMCL_DASHBOARD_HOST": "127.0.0.1"}, self.logs / "monitor.log")
-        self.procs["trainer"] = start_process(["-m", "trainer_service", "--name", f"dash-trainer-{os.getpid()}"],
-                                              self.env, self.logs / "trainer.log")
-        wait_healthy(self.evaluator, self.procs["evaluator"])
-        wait_healthy(self.monitor, self.procs["monitor"])
-
-    def stop(self) -> None:
-        for proc in self.procs.values():
-            stop_pid(proc.pid)
-
-    def tail(self) -> str:
-        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}"
-                         for p in sorted(self.logs.glob("*.log")))
+        port = free_port()
+        super().__init__(env, logs, evaluators=1,
+                         monitor_env={"SLMCL_DASHBOARD_PORT": str(port), "SLMCL_DASHBOARD_HOST": "127.0.0.1"})
+        self.dashboard = f"http://127.0.0.1:{port}"
 
     def get(self, path: str) -> tuple[int, Any]:
         try:
@@ -93,7 +71,7 @@ def test_dashboard_follows_a_running_experiment(services: Services, browser: Bro
 
     spec = spec_from_dict(tiny_spec_dict(tiny_model_dir, data_dir, tmp_path / "x",
                                          training={"max_examples": 12, "batch_size": 1, "grad_accum": 1}))
-    exp_id = MonitorClient(services.monitor).submit(spec).id
+    exp_id = MonitorClient(services.monitor_address).submit(spec).id
 
     # The experiment appears in the list and is shown below it, without a reload.
     _wait(browser, f"document.querySelector('#experiments tr[data-id=\"{exp_id}\"]') !== null", services, 60)

@@ -5,8 +5,6 @@ The numbers must equal those of `slmcl run` on the same spec and seed."""
 from __future__ import annotations
 
 import csv
-import os
-import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,53 +14,11 @@ import grpc
 import pytest
 
 from service_common.client import MonitorClient
-from service_common.local_servers import free_port, stop_pid
 from slmcl.config.spec import spec_from_dict
 from slmcl.protocol.embedded import ExperimentRunner
 from slmcl_api.v1 import evaluator_pb2, evaluator_pb2_grpc, monitor_pb2
 from tests.conftest import tiny_spec_dict
-from tests.services.conftest import start_process, wait_healthy
-
-
-class Trio:
-    def __init__(self, env: dict[str, str], logs: Path) -> None:
-        self.env, self.logs = env, logs
-        self.procs: dict[str, object] = {}
-        self.eval_addresses = [f"127.0.0.1:{free_port()}" for _ in range(2)]
-        self.monitor_address = f"127.0.0.1:{free_port()}"
-
-    def start_trainer(self, name: str = "trainer-1") -> None:
-        self.procs[name] = start_process(["-m", "trainer_service", "--name", f"{name}-{os.getpid()}"], self.env,
-                                         self.logs / f"{name}.log")
-
-    def start(self) -> None:
-        for i, addr in enumerate(self.eval_addresses, 1):
-            host, port = addr.split(":")
-            env = {**self.env, "SLMCL_REPLICA_ID": f"evaluator-{i}"}
-            self.procs[f"evaluator-{i}"] = start_process(["-m", "evaluator_service", "--host", host, "--port", port],
-                                                         env, self.logs / f"evaluator-{i}.log")
-        host, port = self.monitor_address.split(":")
-        self.procs["monitor"] = start_process(
-            ["-m", "monitor_service", "--host", host, "--port", port],
-            {**self.env, "SLMCL_EVALUATORS": ",".join(self.eval_addresses)}, self.logs / "monitor.log")
-        self.start_trainer()
-        for i, addr in enumerate(self.eval_addresses, 1):
-            wait_healthy(addr, self.procs[f"evaluator-{i}"])
-        wait_healthy(self.monitor_address, self.procs["monitor"])
-
-    def kill(self, name: str) -> None:
-        proc = self.procs.pop(name)
-        os.killpg(proc.pid, signal.SIGKILL)  # the worker and anything it started, as in a container crash
-        proc.wait()
-
-    def stop(self) -> None:
-        for proc in self.procs.values():
-            stop_pid(proc.pid)
-
-    def tail(self) -> str:
-        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}"
-                         for p in sorted(self.logs.glob("*.log")))
-
+from tests.services.conftest import Trio
 
 pytestmark = pytest.mark.integration
 
@@ -233,11 +189,7 @@ def test_experiment_survives_a_monitor_restart(trio: Trio, tiny_model_dir: Path,
             break
     client.close()
     trio.kill("monitor")  # stage events published meanwhile wait, unacknowledged, in the consumer group
-    host, port = trio.monitor_address.split(":")
-    trio.procs["monitor"] = start_process(
-        ["-m", "monitor_service", "--host", host, "--port", port],
-        {**trio.env, "SLMCL_EVALUATORS": ",".join(trio.eval_addresses)}, trio.logs / "monitor-2.log")
-    wait_healthy(trio.monitor_address, trio.procs["monitor"])
+    trio.start_monitor()
     client = MonitorClient(trio.monitor_address)
     events = _watch_to_end(client, exp.id, trio, timeout=400)
     assert events[-1].kind == "experiment_done", trio.tail()

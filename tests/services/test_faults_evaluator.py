@@ -19,7 +19,7 @@ from slmcl.config.spec import spec_from_dict
 from slmcl.protocol.embedded import ExperimentRunner
 from slmcl_api.v1 import monitor_pb2
 from tests.conftest import tiny_spec_dict
-from tests.services.test_end_to_end import Trio
+from tests.services.conftest import Trio
 
 pytestmark = pytest.mark.integration
 

@@ -4,7 +4,6 @@ experiment to its end. Real processes on loopback: Redis, the S3 gateway, a trai
 from __future__ import annotations
 
 import asyncio
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,11 +13,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service_common.auth import aio_client_channel
 from service_common.client import MonitorClient
-from service_common.local_servers import free_port, stop_pid
 from slmcl.config.spec import spec_from_dict
 from slmcl_api.v1 import monitor_pb2, monitor_pb2_grpc
 from tests.conftest import tiny_spec_dict
-from tests.services.conftest import start_process, wait_healthy
+from tests.services.conftest import Trio
 
 pytestmark = pytest.mark.integration
 
@@ -27,42 +25,15 @@ CHANNELS = 10  # watchers share channels as clients on a few hosts would
 ANSWER_WITHIN_S = 1.0
 
 
-class Stack:
-    def __init__(self, env: dict[str, str], logs: Path) -> None:
-        self.env, self.logs = env, logs
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
-        self.evaluator = f"127.0.0.1:{free_port()}"
-        self.monitor = f"127.0.0.1:{free_port()}"
-
-    def start(self) -> None:
-        host, port = self.evaluator.split(":")
-        self.procs["evaluator"] = start_process(["-m", "evaluator_service", "--host", host, "--port", port],
-                                                self.env, self.logs / "evaluator.log")
-        host, port = self.monitor.split(":")
-        self.procs["monitor"] = start_process(["-m", "monitor_service", "--host", host, "--port", port],
-                                              {**self.env, "SLMCL_EVALUATORS": self.evaluator},
-                                              self.logs / "monitor.log")
-        self.procs["trainer"] = start_process(["-m", "trainer_service", "--name", f"trainer-{free_port()}"],
-                                              self.env, self.logs / "trainer.log")
-        wait_healthy(self.evaluator, self.procs["evaluator"])
-        wait_healthy(self.monitor, self.procs["monitor"])
-
-    def stop(self) -> None:
-        for proc in self.procs.values():
-            stop_pid(proc.pid)
-
-    def tail(self) -> str:
-        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-2500:]}"
-                         for p in sorted(self.logs.glob("*.log")))
-
-
 @pytest.fixture()
-def stack(service_env: dict[str, str], tmp_path: Path, tiny_model_dir: Path) -> Iterator[Stack]:
-    s = Stack({**service_env, "SLMCL_TORCH_THREADS": "1", "SLMCL_MODEL_ALLOWLIST": str(tiny_model_dir)},
-              tmp_path / "logs")
-    s.start()
-    yield s
-    s.stop()
+def stack(service_env: dict[str, str], tmp_path: Path, tiny_model_dir: Path) -> Iterator[Trio]:
+    s = Trio({**service_env, "SLMCL_TORCH_THREADS": "1", "SLMCL_MODEL_ALLOWLIST": str(tiny_model_dir)},
+             tmp_path / "logs", evaluators=1)
+    try:
+        s.start()
+        yield s
+    finally:
+        s.stop()
 
 
 async def _watch(stub: monitor_pb2_grpc.MonitorStub, exp_id: str) -> list[str]:
@@ -99,13 +70,13 @@ async def _run(address: str, exp_id: str) -> tuple[list[list[str]], list[tuple[f
             await ch.close()
 
 
-def test_a_hundred_watchers_leave_the_monitor_responsive(stack: Stack, tiny_model_dir: Path, data_dir: Path,
+def test_a_hundred_watchers_leave_the_monitor_responsive(stack: Trio, tiny_model_dir: Path, data_dir: Path,
                                                          tmp_path: Path) -> None:
     spec = spec_from_dict(tiny_spec_dict(tiny_model_dir, data_dir, tmp_path / "x",
                                          training={"max_examples": 24, "grad_accum": 1, "batch_size": 1}))
-    client = MonitorClient(stack.monitor)
+    client = MonitorClient(stack.monitor_address)
     exp = client.submit(spec)
-    kinds, timings = asyncio.run(_run(stack.monitor, exp.id))
+    kinds, timings = asyncio.run(_run(stack.monitor_address, exp.id))
     assert len(kinds) == WATCHERS
     for k in kinds:
         assert k and k[-1] == "experiment_done", f"{k[-3:]}\n{stack.tail()}"
