@@ -56,7 +56,7 @@ from slmcl.protocol.tables import live_estimate
 from slmcl.storage.local import ArtifactStore
 from slmcl.storage.prefixed import PrefixedStore
 from slmcl.tasks.data import scan_data
-from slmcl.tracking import NullTracker, Tracker, check_tracking, open_tracker
+from slmcl.tracking import FAILED, KILLED, NullTracker, Tracker, check_tracking, open_tracker
 
 log = logging.getLogger(__name__)
 
@@ -307,6 +307,7 @@ class Control:
             self.redis.hset(keys.experiment_hash(exp_id), mapping=runs)
         self._set_state(exp_id, "cancelled")
         self.event(exp_id, "experiment_cancelled")
+        self._stop_tracker(exp_id, KILLED)
 
     # ------------------------------------------------------------------ resume
     def resume(self, exp_id: str) -> None:
@@ -500,6 +501,20 @@ class Control:
             return
         self._set_state(exp_id, "failed", message)
         self.event(exp_id, "experiment_failed", data={"error": message})
+        self._stop_tracker(exp_id, FAILED)
+
+    def _stop_tracker(self, exp_id: str, status: str) -> None:
+        """Close the experiment's tracking runs as ``status``, on a thread of its own: a cancel answers at once,
+        and a tracking server that is down costs the caller nothing."""
+        def stop() -> None:
+            try:
+                spec, tree = self.spec(exp_id), self.tree(exp_id)
+                if spec.tracking.mlflow is not None:
+                    self._tracker(exp_id, spec, tree).stopped(tree.records(), status)
+            except Exception:  # noqa: BLE001 - logged; the experiment's own state is already recorded
+                log.exception("experiment %s: closing its tracking runs as %s failed", exp_id, status)
+
+        threading.Thread(target=stop, name=f"tracker-stop-{exp_id}", daemon=True).start()
 
     def _guard(self, exp_id: str, fn: Any, *args: Any) -> None:
         """Run background work for an experiment; a failure fails the experiment, never silently."""

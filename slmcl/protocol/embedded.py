@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from slmcl.config.spec import spec_from_dict
-from slmcl.errors import SpecError
+from slmcl.errors import CancelledError, SpecError
 from slmcl.protocol import layout
 from slmcl.protocol.drift import DriftRows
 from slmcl.protocol.events import Event, ProgressCallback
@@ -44,7 +44,7 @@ from slmcl.protocol.stages import (
 from slmcl.protocol.tables import live_estimate
 from slmcl.storage.local import LocalStore
 from slmcl.tasks.data import DataSummary, check_data, load_examples, spec_data_files
-from slmcl.tracking import NullTracker, Tracker, open_tracker
+from slmcl.tracking import FAILED, KILLED, NullTracker, Tracker, open_tracker
 
 if TYPE_CHECKING:
     from slmcl.config.spec import ExperimentSpec, TaskSpec
@@ -290,6 +290,10 @@ class ExperimentRunner:
                 for run in runs:
                     if run.model == label:
                         self._run(run, done)
+        except BaseException as exc:
+            # Stopped (Ctrl-C, a cancel) or failed: the tracker's runs say so instead of staying RUNNING.
+            self._stop_tracker(KILLED if isinstance(exc, (KeyboardInterrupt, CancelledError)) else FAILED)
+            raise
         finally:
             if self._evaluator is not None:
                 self._evaluator.close()
@@ -298,6 +302,16 @@ class ExperimentRunner:
         self.tracker.finished(records)
         self.progress(Event("experiment_done", data={"output_dir": spec.output_dir}))
         return Path(spec.output_dir)
+
+    def _stop_tracker(self, status: str) -> None:
+        """Close the tracker's runs as ``status`` while an exception propagates, which must stay the one raised."""
+        try:
+            records = self.tree.records()
+        except Exception as exc:  # noqa: BLE001 - reported as a warning; the run's own failure is what propagates
+            self._tracking_warning(f"tracking: the committed stages could not be read ({exc}); closing the runs "
+                                   f"as {status} without them")
+            records = []
+        self.tracker.stopped(records, status)
 
     def _tracking_warning(self, message: str) -> None:
         """The tracking server failed a call: the experiment goes on, and the user is told what is not logged."""

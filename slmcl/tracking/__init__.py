@@ -21,7 +21,10 @@ if TYPE_CHECKING:
     from slmcl.protocol.records import StageRecord
     from slmcl.protocol.stages import ResultsTree
 
-__all__ = ["MLFLOW_MISSING", "NullTracker", "Tracker", "check_tracking", "open_tracker"]
+__all__ = ["FAILED", "KILLED", "MLFLOW_MISSING", "NullTracker", "Tracker", "check_tracking", "open_tracker"]
+
+# How an experiment that did not complete ended, in the words trackers use (MLflow's run statuses).
+FAILED, KILLED = "FAILED", "KILLED"
 
 MLFLOW_MISSING = ("tracking.mlflow: needs the mlflow package, which is not installed "
                   "(pip install 'slmcl[tracking]', or pip install -r requirements-tracking.txt)")
@@ -38,6 +41,10 @@ class Tracker(Protocol):
     def finished(self, records: Sequence[StageRecord]) -> None:
         """The experiment is complete: log what is left, then the tables, figures and spec; close the runs."""
 
+    def stopped(self, records: Sequence[StageRecord], status: str) -> None:
+        """The experiment ended early (``status``: ``FAILED`` or ``KILLED``, as MLflow names them): log the
+        committed stages and close the runs with that status, so none is left looking alive. A resume reopens them."""
+
 
 class NullTracker:
     """No tracking configured: both calls do nothing."""
@@ -46,6 +53,9 @@ class NullTracker:
         return None
 
     def finished(self, records: Sequence[StageRecord]) -> None:
+        return None
+
+    def stopped(self, records: Sequence[StageRecord], status: str) -> None:
         return None
 
 

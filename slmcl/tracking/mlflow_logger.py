@@ -158,6 +158,10 @@ class MlflowTracker:
                 self._attempt(lambda: self._finish(records), records,
                               "; the tables and figures too (a later session on these results logs them)")
 
+    def stopped(self, records: Sequence[StageRecord], status: str) -> None:
+        with self._lock:
+            self._attempt(lambda: self._stop(records, status), records, f"; the runs stay RUNNING, not {status}")
+
     @property
     def parent_run_id(self) -> str:
         return self._parent
@@ -217,6 +221,13 @@ class MlflowTracker:
                 self.client.set_terminated(self._children[rid], "FINISHED")
         self.client.set_terminated(self._parent, "FINISHED")
         self._finished_with = len(records)
+
+    def _stop(self, records: Sequence[StageRecord], status: str) -> None:
+        self._sync(records)
+        complete = {r.run_id for r in records if r.step == len(r.order)}  # its last stage committed
+        for rid, child in (self._children or {}).items():
+            self.client.set_terminated(child, "FINISHED" if rid in complete else status)
+        self.client.set_terminated(self._parent, status)
 
     def _read_state(self) -> dict[str, Any]:
         if not self.tree.store.exists(layout.TRACKING_JSON):
@@ -285,6 +296,8 @@ class MlflowTracker:
                 for run in page:
                     if "slmcl.run_id" in run.data.tags:
                         children[run.data.tags["slmcl.run_id"]] = run.info.run_id
+                        if run.info.status in ("FAILED", "KILLED"):  # stopped early, continued by this session
+                            self.client.update_run(run.info.run_id, status="RUNNING")
                 token = page.token
                 if not token:
                     break

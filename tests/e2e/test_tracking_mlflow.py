@@ -138,16 +138,41 @@ def tracked(mlflow_server: MlflowServer, tiny_model_dir: Path, data_dir: Path,
 
     with pytest.raises(CancelledError):
         ExperimentRunner(spec, stop_before_stage_two).run()
+    client = _client(mlflow_server.uri)
+    stopped = _statuses(client, "tracked")
     second: list[Event] = []
     ExperimentRunner(spec, second.append).run()
+    assert stopped == {"experiment": "KILLED", RID: "KILLED"}, "a stopped session must not leave runs RUNNING"
 
-    client = _client(mlflow_server.uri)
     exp = client.get_experiment_by_name("tracked")
     runs = client.search_runs([exp.experiment_id])
     parents = [r for r in runs if r.data.tags.get("slmcl.kind") == "experiment"]
     children = [r for r in runs if "slmcl.run_id" in r.data.tags]
     assert len(parents) == 1 and len(children) == 1 and len(runs) == 2, [r.data.tags for r in runs]
     return Tracked(out, client, parents[0], children[0], [first, second])
+
+
+def _statuses(client: Any, experiment: str) -> dict[str, str]:
+    """Each run's status, by slmcl run id (the parent: "experiment")."""
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id]) if exp is not None else []
+    return {r.data.tags.get("slmcl.run_id", r.data.tags.get("slmcl.kind", "?")): r.info.status for r in runs}
+
+
+def test_a_failed_run_closes_its_runs_as_failed(mlflow_server: MlflowServer, tiny_model_dir: Path, data_dir: Path,
+                                               tmp_path: Path) -> None:
+    def fail_in_stage_two(event: Event) -> None:
+        if event.kind == "stage_started" and event.stage == 2:
+            raise RuntimeError("boom")
+
+    spec = _tracked_spec(tiny_model_dir, data_dir, tmp_path / "out", mlflow_server.uri, "failed")
+    with pytest.raises(RuntimeError, match="boom"):  # the run's own error, not the tracker's
+        ExperimentRunner(spec, fail_in_stage_two).run()
+    client = _client(mlflow_server.uri)
+    assert _statuses(client, "failed") == {"experiment": "FAILED", RID: "FAILED"}
+    (child,) = [r for r in client.search_runs([client.get_experiment_by_name("failed").experiment_id])
+                if "slmcl.run_id" in r.data.tags]
+    assert sorted(m.step for m in client.get_metric_history(child.info.run_id, "stage")) == [0, 1]  # what committed
 
 
 def _history(t: Tracked, key: str) -> dict[int, float]:
@@ -312,6 +337,20 @@ def test_the_monitor_logs_what_the_embedded_run_logged(tracked: Tracked, mlflow_
         assert ctl.state(exp_id) == "succeeded"
         kinds = [f[b"kind"].decode() for _, f in r.xrange(keys.events_stream(exp_id))]
         assert "tracking_warning" not in kinds and kinds[-1] == "experiment_done"
+        # Another experiment over the same records fails: its runs are closed as FAILED (the slmcl run whose
+        # stages all committed as FINISHED), off the caller's thread.
+        failed_id = "20260101-000000-fedcba"
+        shutil.copytree(root, tmp_path / "store" / layout.experiment_prefix(failed_id),
+                        ignore=shutil.ignore_patterns(layout.TRACKING_JSON))  # runs of its own, not the first's
+        spec["tracking"]["mlflow"]["experiment"] = "monitor-failed"
+        (tmp_path / "store" / layout.experiment_prefix(failed_id) / "spec.json").write_text(json.dumps(spec))
+        r.hset(keys.experiment_hash(failed_id), mapping={"state": "running"})
+        ctl._fail(failed_id, "boom")
+        deadline = time.monotonic() + 60
+        while _statuses(tracked.client, "monitor-failed").get("experiment") != "FAILED":
+            assert time.monotonic() < deadline, _statuses(tracked.client, "monitor-failed")
+            time.sleep(0.2)
+        assert _statuses(tracked.client, "monitor-failed") == {"experiment": "FAILED", RID: "FINISHED"}
     finally:
         server.stop()
 
