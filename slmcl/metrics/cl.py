@@ -43,7 +43,8 @@ def _mean_or_none(values: Iterable[float | None]) -> float | None:
     return statistics.fmean(known) if known else None
 
 
-def _diff(a: float | None, b: float | None) -> float | None:
+def difference(a: float | None, b: float | None) -> float | None:
+    """``a - b``, undefined (None) where either side is: a cell a run never measured stays missing."""
     return None if a is None or b is None else a - b
 
 
@@ -60,7 +61,7 @@ def _bwt(matrix: Matrix, order: Sequence[str], k: int) -> float | None:
     if k < 2:
         return None
     return _mean_or_none(
-        _diff(cell(matrix, k, task), cell(matrix, j, task))
+        difference(cell(matrix, k, task), cell(matrix, j, task))
         for j, task in enumerate(order[: k - 1], start=1)
     )
 
@@ -75,7 +76,7 @@ def _fwt(matrix: Matrix, order: Sequence[str], k: int) -> float | None:
     # At k = 0 every term is R[0][j] - R[0][j]: 0.0 when the base row is there, None if not.
     if k >= len(order):
         return None
-    return _mean_or_none(_diff(cell(matrix, k, task), cell(matrix, 0, task)) for task in order[k:])
+    return _mean_or_none(difference(cell(matrix, k, task), cell(matrix, 0, task)) for task in order[k:])
 
 
 def run_fwt(matrix: Matrix, order: Sequence[str]) -> float | None:
@@ -84,7 +85,7 @@ def run_fwt(matrix: Matrix, order: Sequence[str]) -> float | None:
     averaged. The per-step FWT_k is undefined at the last step; this is what a comparison of methods reads."""
     if len(order) < 2:
         return None
-    return _mean_or_none(_diff(cell(matrix, j - 1, task), cell(matrix, 0, task))
+    return _mean_or_none(difference(cell(matrix, j - 1, task), cell(matrix, 0, task))
                          for j, task in enumerate(order[1:], start=2))
 
 
@@ -97,11 +98,11 @@ def _current(matrix: Matrix, order: Sequence[str], k: int) -> float | None:
 
 
 def _delta_vs_base(matrix: Matrix, order: Sequence[str], k: int) -> float | None:
-    return _diff(_current(matrix, order, k), cell(matrix, 0, order[k - 1])) if k >= 1 else None
+    return difference(_current(matrix, order, k), cell(matrix, 0, order[k - 1])) if k >= 1 else None
 
 
 def _adaptation_gain(matrix: Matrix, order: Sequence[str], k: int) -> float | None:
-    return _diff(_current(matrix, order, k), cell(matrix, k - 1, order[k - 1])) if k >= 1 else None
+    return difference(_current(matrix, order, k), cell(matrix, k - 1, order[k - 1])) if k >= 1 else None
 
 
 def _learning_accuracy(matrix: Matrix, order: Sequence[str], k: int) -> float | None:

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from slmcl import metrics as mx
+from slmcl.metrics.cl import difference
 from slmcl.metrics.seeds import mean_std
 from slmcl.protocol.layout import order_id
 from slmcl.protocol.records import StageRecord
@@ -322,10 +323,6 @@ def _final_values(recs: Sequence[StageRecord]) -> dict[str, float | None]:
     }
 
 
-def _diff(a: float | None, b: float | None) -> float | None:
-    return None if a is None or b is None else a - b
-
-
 PER_TASK_COLUMNS = ["model", "strategy", "order", "seed", "task", "position", "base_acc", "previous_acc",
                     "learned_acc", "final_acc", "forgetting", "bwt", "fwt", "next_task_fwt"]
 
@@ -362,10 +359,10 @@ def per_task_rows(records: Sequence[StageRecord]) -> list[dict[str, Any]]:
                 "model": first.model, "strategy": first.strategy, "order": order_id(order), "seed": first.seed,
                 "task": task, "position": j, "base_acc": cell(0, task), "previous_acc": cell(j - 1, task),
                 "learned_acc": cell(j, task), "final_acc": cell(end, task),
-                "forgetting": _diff(peak, cell(end, task)) if j < end else None,
-                "bwt": _diff(cell(end, task), cell(j, task)) if j < end else None,
-                "fwt": _diff(cell(j - 1, task), cell(0, task)) if j > 1 else None,
-                "next_task_fwt": _diff(cell(j, nxt), cell(0, nxt)) if nxt is not None else None,
+                "forgetting": difference(peak, cell(end, task)) if j < end else None,
+                "bwt": difference(cell(end, task), cell(j, task)) if j < end else None,
+                "fwt": difference(cell(j - 1, task), cell(0, task)) if j > 1 else None,
+                "next_task_fwt": difference(cell(j, nxt), cell(0, nxt)) if nxt is not None else None,
             })
     return rows
 
