@@ -24,7 +24,8 @@ Sections (``section`` column):
   the study's own ``scores_all.csv``, the file as a user of the study has it.
 * ``task``     the study's per-seed extra columns and per-task JSON breakdowns (next-task FWT,
   current task's base and previous accuracy, ``bwt_by_task``, ``forgetting_by_task``,
-  ``fwt_by_task``, ``learning_accuracy_by_task``) against our per_task.csv.
+  ``fwt_by_task``, ``learning_accuracy_by_task``) against our per_task.csv; ``task-steps`` the
+  by-task breakdowns at every step against per_task_steps.csv.
 * ``stab``     the study's stability summary (9 statistics and 6 deltas to the base, mean and std
   over seeds) against our report's grouping of the stage records (``slmcl.report.study``).
 * ``pooled:``  the strategies of a results directory that share one order, taken as if they were
@@ -68,7 +69,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from slmcl.protocol.layout import order_id  # noqa: E402
-from slmcl.protocol.tables import per_task_rows  # noqa: E402
+from slmcl.protocol.tables import per_task_rows, per_task_step_rows  # noqa: E402
 from slmcl.report.study import OrderGroup, Run, Stat, load_study  # noqa: E402
 
 EXACT_TOL = 1e-9
@@ -380,13 +381,13 @@ def our_per_task(results: Path, g: Group) -> tuple[dict[tuple[int, str], dict[st
     """per_task.csv as the user has it; an older results directory without it: slmcl's same function, in memory."""
     path = results / "per_task.csv"
     keep: dict[tuple[int, str], dict[str, Any]] = {}
-    strategies = {run.strategy for run in g.runs}
+    strategies, models = {run.strategy for run in g.runs}, {run.model for run in g.runs}
     if path.is_file():
         src, rows = "per_task.csv", [dict(r) for r in read_csv(path)]
     else:
         src, rows = "per_task_rows()", per_task_rows([rec for run in g.runs for rec in run.records])
-    for r in rows:
-        if r["strategy"] in strategies and r["order"] == order_id(g.order):
+    for r in rows:  # a results directory of several models holds the same (strategy, order, seed) for each
+        if r["model"] in models and r["strategy"] in strategies and r["order"] == order_id(g.order):
             keep[(g.seeds[(str(r["strategy"]), int(r["seed"]))], str(r["task"]))] = r
     return keep, src
 
@@ -429,6 +430,40 @@ def compare_tasks(g: Group, results: Path, by_seed: Any, section: str) -> list[R
             v = json.loads(s["fwt_by_task"]).get(g.task_ids[nxt])
             rows.append(Row(sec, f"step {k} fwt_by_task[{nxt}] vs {nxt}.fwt",
                             num(ours.get((seed, nxt), {}).get("fwt")), num(v)))
+    return rows
+
+
+def our_per_task_steps(results: Path, g: Group) -> tuple[dict[tuple[int, int, str], dict[str, Any]], str]:
+    """per_task_steps.csv as the user has it (older results: slmcl's same function, in memory), by
+    (study seed, step, task)."""
+    path = results / "per_task_steps.csv"
+    strategies, models = {run.strategy for run in g.runs}, {run.model for run in g.runs}
+    if path.is_file():
+        src, rows = "per_task_steps.csv", [dict(r) for r in read_csv(path)]
+    else:
+        src, rows = "per_task_step_rows()", per_task_step_rows([rec for run in g.runs for rec in run.records])
+    keep = {(g.seeds[(str(r["strategy"]), int(r["seed"]))], int(r["step"]), str(r["task"])): r for r in rows
+            if r["model"] in models and r["strategy"] in strategies and r["order"] == order_id(g.order)}
+    return keep, src
+
+
+def compare_task_steps(g: Group, results: Path, by_seed: Any, section: str) -> list[Row]:
+    """The study's ``bwt_by_task``, ``forgetting_by_task`` and ``fwt_by_task`` at every step, task by task."""
+    ours, src = our_per_task_steps(results, g)
+    names = {v: k for k, v in g.task_ids.items()}
+    rows: list[Row] = []
+    for s in by_seed.to_dict("records"):
+        seed, k = int(s["seed"]), int(s["step"])
+        if k > g.last_step[seed]:
+            continue
+        for theirs_key, our_key, note in (
+                ("bwt_by_task", "bwt", ""), ("fwt_by_task", "fwt", ""),
+                ("forgetting_by_task", "forgetting", "by design: ours is max_l R[l][j] - R[k][j] (Chaudhry), "
+                                                     "theirs -BWT_j")):
+            for tid, v in json.loads(s[theirs_key]).items():
+                task = names[tid]
+                rows.append(Row(f"{section} seed {seed}", f"step {k} {theirs_key}[{task}] vs {src} {task}.{our_key}",
+                                num(ours.get((seed, k, task), {}).get(our_key)), num(v), note=note))
     return rows
 
 
@@ -557,6 +592,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 cl_rows, by_seed = compare_cl(g, study, work, "cl")
                 rows += cl_rows + compare_cli(g, study, work, "cl-cli")
                 rows += compare_tasks(g, res, by_seed, "task")
+                rows += compare_task_steps(g, res, by_seed, "task-steps")
                 rows += compare_stability(g, study, work, "stab")
                 if g.summary is not None:
                     rows += compare_rescore(g, study, res)

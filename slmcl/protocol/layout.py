@@ -19,7 +19,7 @@ writer builds keys with these functions, so a layout change is one edit here.
     comparison.csv, comparison.md,
     interventions.csv, estimates.csv,
     drift_attribution.csv, per_task.csv,
-    reference_accuracy.csv                     tables rebuilt from the stage records
+    per_task_steps.csv, reference_accuracy.csv tables rebuilt from the stage records
     tracking.json                              the tracker runs these results are mirrored to (tracking.mlflow)
 
 Store-wide (outside any experiment): ``datasets/<sha256>.json`` (content-addressed uploads) and
@@ -42,7 +42,7 @@ TRACKING_JSON = "tracking.json"  # the MLflow parent run the results are mirrore
 REPORT_DIR = "report"  # slmcl run writes its report (index.html, tables/, figures/) here
 TABLES = ("scores.csv", "stability.csv", "train_loss.csv", "summary.json", "comparison.csv", "comparison.md",
           "interventions.csv", "estimates.csv", "drift_attribution.csv", "per_task.csv",
-          "reference_accuracy.csv")
+          "per_task_steps.csv", "reference_accuracy.csv")
 BASE_RUN = "base"  # the predictions of step 0 are the base model's, shared by every run
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # a LoRA checkpoint is complete when both exist
 MERGED_FILES = ("config.json", "model.safetensors")  # a merged-model checkpoint (OSF) is complete when both exist

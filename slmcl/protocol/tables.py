@@ -367,6 +367,48 @@ def per_task_rows(records: Sequence[StageRecord]) -> list[dict[str, Any]]:
     return rows
 
 
+PER_TASK_STEP_COLUMNS = ["model", "strategy", "order", "seed", "step", "task", "position", "acc", "bwt",
+                         "forgetting", "fwt"]
+
+
+def per_task_step_rows(records: Sequence[StageRecord]) -> list[dict[str, Any]]:
+    """per_task_steps.csv: every task at every evaluated checkpoint, the study's per-task breakdowns by step.
+
+    At checkpoint k of a run (R: its accuracy matrix), task j of the order (``position``): ``acc`` R[k][j];
+    for a task learned before (j < k) ``bwt`` R[k][j] - R[j][j] and ``forgetting`` max over l in [j, k-1] of
+    R[l][j] minus R[k][j] (per_task.csv's definitions, at k instead of the run's end); for a task still to come
+    (j > k) ``fwt`` R[k][j] - R[0][j], what the tasks learned so far did for it (0 at the base, as the study
+    writes it). The current task (j = k) has neither. A cell that was not evaluated leaves what needs it empty.
+    """
+    runs: dict[str, dict[int, StageRecord]] = {}
+    for r in records:
+        runs.setdefault(r.run_id, {})[r.step] = r
+    rows = []
+    for by_step in runs.values():
+        first = by_step[min(by_step)]
+        order = list(first.order)
+        matrix = {k: {t: s["accuracy"] for t, s in r.scores.items()} for k, r in by_step.items()}
+
+        def cell(step: int, task: str, m: dict[int, dict[str, float]] = matrix) -> float | None:
+            return m.get(step, {}).get(task)
+
+        for k in sorted(by_step):
+            if not matrix[k]:
+                continue  # measured by drift only (evaluation.every): no accuracy at this checkpoint
+            for j, task in enumerate(order, start=1):
+                seen = [cell(step, task) for step in range(j, k)]
+                known = [v for v in seen if v is not None]
+                peak = max(known) if known and len(known) == len(seen) else None
+                rows.append({
+                    "model": first.model, "strategy": first.strategy, "order": order_id(order), "seed": first.seed,
+                    "step": k, "task": task, "position": j, "acc": cell(k, task),
+                    "bwt": difference(cell(k, task), cell(j, task)) if j < k else None,
+                    "forgetting": difference(peak, cell(k, task)) if j < k else None,
+                    "fwt": difference(cell(k, task), cell(0, task)) if j > k else None,
+                })
+    return rows
+
+
 def comparison_rows(records: Sequence[StageRecord]) -> list[dict[str, Any]]:
     """Per model and strategy, mean ± std over its finished runs of the final metrics, drift and cost.
 
@@ -414,6 +456,7 @@ def write_tables(store: ArtifactStore, records: Sequence[StageRecord], prior: Se
     store.put_bytes("drift_attribution.csv", _csv(ATTRIBUTION_COLUMNS, attribution_rows(records)))
     store.put_bytes("reference_accuracy.csv", _csv(REFERENCE_ACCURACY_COLUMNS, reference_accuracy_rows(records)))
     store.put_bytes("per_task.csv", _csv(PER_TASK_COLUMNS, per_task_rows(records)))
+    store.put_bytes("per_task_steps.csv", _csv(PER_TASK_STEP_COLUMNS, per_task_step_rows(records)))
     store.put_bytes("comparison.csv", _csv(COMPARISON_COLUMNS, summary["comparison"]))
     store.put_bytes("comparison.md", comparison_markdown(summary["comparison"]).encode())
     store.put_bytes("scores.csv", _csv(SCORES_COLUMNS, score_rows(records)))

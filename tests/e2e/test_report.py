@@ -294,6 +294,30 @@ def test_per_task_table_is_the_seed_mean_of_each_tasks_history(results: Path, re
     assert len({r["learned_acc"] for r in rows}) == len(rows)  # a swap of models or orders would show
 
 
+def test_per_task_steps_csv_is_each_runs_matrix_at_every_step(results: Path) -> None:
+    """The results' per_task_steps.csv, independently of per_task_step_rows: every run, checkpoint and task."""
+    recs = _records(results)
+    rows = _csv(results / "per_task_steps.csv")
+    by_key = {(r["model"], r["order"], int(r["seed"]), int(r["step"]), r["task"]): r for r in rows}
+    assert len(by_key) == len(rows) == len(_groups(results)) * len(SEEDS) * 3 * 2  # checkpoints 0..2, 2 tasks
+    for model, oid in _groups(results):
+        runs = _runs(recs, model, oid)
+        order = runs[0].order
+        for seed in SEEDS:
+            m = _matrix(runs, seed)
+            for k in m:
+                for j, task in enumerate(order, start=1):
+                    row = by_key[(model, oid, seed, k, task)]
+                    want = {"acc": m[k][task],
+                            "bwt": m[k][task] - m[j][task] if j < k else None,
+                            "forgetting": max(m[s][task] for s in range(j, k)) - m[k][task] if j < k else None,
+                            "fwt": m[k][task] - m[0][task] if j > k else None}
+                    for col, v in want.items():
+                        assert (row[col] == "") == (v is None), (model, oid, seed, k, task, col)
+                        if v is not None:
+                            assert float(row[col]) == pytest.approx(v, abs=1e-12), (model, oid, seed, k, task, col)
+
+
 def test_reference_accuracy_table_is_the_seed_mean_of_the_records(results: Path, report: Path) -> None:
     """Per (model, order, checkpoint, task of the reference rows): accuracy by generation, its change from the
     model's base and the KL to base on the same prompts, over the seeds; the base as step 0 (KL 0)."""

@@ -1,11 +1,11 @@
-"""per_task.csv: each task's forgetting and transfer, on a hand-made accuracy matrix."""
+"""per_task.csv and per_task_steps.csv: each task's forgetting and transfer, on a hand-made accuracy matrix."""
 
 from __future__ import annotations
 
 import pytest
 
 from slmcl.protocol.records import StageRecord
-from slmcl.protocol.tables import per_task_rows
+from slmcl.protocol.tables import per_task_rows, per_task_step_rows
 
 ORDER = ["a", "b", "c"]
 # R[k][task]: rows are checkpoints 0..3
@@ -52,3 +52,28 @@ def test_forgetting_is_from_the_peak_not_from_when_learned() -> None:
     later_peak = {**R, 2: {**R[2], "a": 0.9}}
     a = per_task_rows(_records(later_peak))[0]
     assert a["forgetting"] == pytest.approx(0.9 - 0.5) and -a["bwt"] == pytest.approx(0.8 - 0.5)
+
+
+def test_every_task_at_every_step_by_hand() -> None:
+    rows = {(r["step"], r["task"]): r for r in per_task_step_rows(_records(R))}
+    assert len(rows) == 4 * 3
+    assert [rows[(0, t)]["fwt"] for t in ORDER] == [0.0, 0.0, 0.0]  # the base: no transfer yet, as the study writes
+    assert rows[(0, "a")]["bwt"] is None and rows[(0, "a")]["acc"] == 0.1
+    one_a, one_b, one_c = rows[(1, "a")], rows[(1, "b")], rows[(1, "c")]
+    assert one_a["bwt"] is one_a["fwt"] is one_a["forgetting"] is None  # the task being learned has neither
+    assert one_b["fwt"] == pytest.approx(0.25 - 0.2) and one_c["fwt"] == pytest.approx(0.35 - 0.3)
+    two_a, two_c = rows[(2, "a")], rows[(2, "c")]
+    assert two_a["bwt"] == pytest.approx(0.6 - 0.8) and two_a["forgetting"] == pytest.approx(0.8 - 0.6)
+    assert two_c["fwt"] == pytest.approx(0.4 - 0.3) and two_c["bwt"] is None
+    # At the run's end the table is per_task.csv's forgetting and BWT, task by task.
+    for r in per_task_rows(_records(R)):
+        end = rows[(3, r["task"])]
+        assert (end["bwt"], end["forgetting"]) == (r["bwt"], r["forgetting"])
+
+
+def test_steps_with_a_gap_and_a_drift_only_checkpoint() -> None:
+    sparse = {**R, 2: {}}  # stage 2 measured by drift only (evaluation.every)
+    rows = {(r["step"], r["task"]): r for r in per_task_step_rows(_records(sparse))}
+    assert {k for k, _ in rows} == {0, 1, 3}  # no rows for a checkpoint without accuracies
+    assert rows[(3, "a")]["forgetting"] is None  # its peak over steps 1..2 is unknown: never guessed
+    assert rows[(3, "a")]["bwt"] == pytest.approx(0.5 - 0.8) and rows[(3, "b")]["bwt"] is None
