@@ -59,7 +59,7 @@ import subprocess
 import sys
 import tempfile
 import types
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -377,19 +377,25 @@ def compare_cli(g: Group, study: StudyCode, work: Path, section: str) -> list[Ro
     return rows
 
 
-def our_per_task(results: Path, g: Group) -> tuple[dict[tuple[int, str], dict[str, str | float | None]], str]:
-    """per_task.csv as the user has it; an older results directory without it: slmcl's same function, in memory."""
-    path = results / "per_task.csv"
-    keep: dict[tuple[int, str], dict[str, Any]] = {}
-    strategies, models = {run.strategy for run in g.runs}, {run.model for run in g.runs}
+def our_table(results: Path, g: Group, name: str,
+              compute: Callable[[Sequence[Any]], list[dict[str, Any]]]) -> tuple[list[dict[str, Any]], str]:
+    """Our table ``name`` as the user has it (an older results directory without it: slmcl's same function,
+    in memory), kept to the group's rows with the study's seed in ``study_seed``. A results directory of
+    several models holds the same (strategy, order, seed) for each, so the model is matched too."""
+    path = results / name
     if path.is_file():
-        src, rows = "per_task.csv", [dict(r) for r in read_csv(path)]
+        src, rows = name, [dict(r) for r in read_csv(path)]
     else:
-        src, rows = "per_task_rows()", per_task_rows([rec for run in g.runs for rec in run.records])
-    for r in rows:  # a results directory of several models holds the same (strategy, order, seed) for each
-        if r["model"] in models and r["strategy"] in strategies and r["order"] == order_id(g.order):
-            keep[(g.seeds[(str(r["strategy"]), int(r["seed"]))], str(r["task"]))] = r
-    return keep, src
+        src, rows = f"{compute.__name__}()", compute([rec for run in g.runs for rec in run.records])
+    strategies, models = {run.strategy for run in g.runs}, {run.model for run in g.runs}
+    return [{**r, "study_seed": g.seeds[(str(r["strategy"]), int(r["seed"]))]} for r in rows
+            if r["model"] in models and r["strategy"] in strategies and r["order"] == order_id(g.order)], src
+
+
+def our_per_task(results: Path, g: Group) -> tuple[dict[tuple[int, str], dict[str, Any]], str]:
+    """per_task.csv by (study seed, task)."""
+    rows, src = our_table(results, g, "per_task.csv", per_task_rows)
+    return {(r["study_seed"], str(r["task"])): r for r in rows}, src
 
 
 def compare_tasks(g: Group, results: Path, by_seed: Any, section: str) -> list[Row]:
@@ -434,17 +440,9 @@ def compare_tasks(g: Group, results: Path, by_seed: Any, section: str) -> list[R
 
 
 def our_per_task_steps(results: Path, g: Group) -> tuple[dict[tuple[int, int, str], dict[str, Any]], str]:
-    """per_task_steps.csv as the user has it (older results: slmcl's same function, in memory), by
-    (study seed, step, task)."""
-    path = results / "per_task_steps.csv"
-    strategies, models = {run.strategy for run in g.runs}, {run.model for run in g.runs}
-    if path.is_file():
-        src, rows = "per_task_steps.csv", [dict(r) for r in read_csv(path)]
-    else:
-        src, rows = "per_task_step_rows()", per_task_step_rows([rec for run in g.runs for rec in run.records])
-    keep = {(g.seeds[(str(r["strategy"]), int(r["seed"]))], int(r["step"]), str(r["task"])): r for r in rows
-            if r["model"] in models and r["strategy"] in strategies and r["order"] == order_id(g.order)}
-    return keep, src
+    """per_task_steps.csv by (study seed, step, task)."""
+    rows, src = our_table(results, g, "per_task_steps.csv", per_task_step_rows)
+    return {(r["study_seed"], int(r["step"]), str(r["task"])): r for r in rows}, src
 
 
 def compare_task_steps(g: Group, results: Path, by_seed: Any, section: str) -> list[Row]:

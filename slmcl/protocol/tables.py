@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from slmcl import metrics as mx
-from slmcl.metrics.cl import difference
+from slmcl.metrics.cl import cell, difference
 from slmcl.metrics.seeds import mean_std
 from slmcl.protocol.layout import order_id
 from slmcl.protocol.records import StageRecord
@@ -301,7 +301,7 @@ def _mean(values: Sequence[Any]) -> float | None:
 def _final_values(recs: Sequence[StageRecord]) -> dict[str, float | None]:
     """One run's row of the comparison: its last checkpoint's metrics and drift, its cost."""
     order = recs[0].order
-    matrix = {r.step: {t: s["accuracy"] for t, s in r.scores.items()} for r in recs}
+    matrix = _accuracy_matrix(recs)
     last = max(recs, key=lambda r: r.step)
     ended = last.step == len(order) or last.action == "stop"  # a run the policy stopped is finished too
     metrics = mx.step_metrics(matrix, order)[last.step] if ended else None
@@ -327,6 +327,32 @@ PER_TASK_COLUMNS = ["model", "strategy", "order", "seed", "task", "position", "b
                     "learned_acc", "final_acc", "forgetting", "bwt", "fwt", "next_task_fwt"]
 
 
+def _accuracy_matrix(recs: Sequence[StageRecord]) -> dict[int, dict[str, float]]:
+    """R[step][task] of one run's records (a checkpoint measured by drift only has an empty row)."""
+    return {r.step: {t: s["accuracy"] for t, s in r.scores.items()} for r in recs}
+
+
+def _runs(records: Sequence[StageRecord]) -> list[list[StageRecord]]:
+    """The records grouped by run, each run's in step order."""
+    runs: dict[str, list[StageRecord]] = {}
+    for r in records:
+        runs.setdefault(r.run_id, []).append(r)
+    return [sorted(recs, key=lambda r: r.step) for recs in runs.values()]
+
+
+def _run_columns(first: StageRecord) -> dict[str, Any]:
+    return {"model": first.model, "strategy": first.strategy, "order": order_id(first.order), "seed": first.seed}
+
+
+def _peak_forgetting(matrix: mx.cl.Matrix, task: str, learned: int, k: int) -> float | None:
+    """Chaudhry's forgetting of ``task`` (learned at step ``learned``) at checkpoint k: its best accuracy over
+    steps learned..k-1 minus its accuracy at k; undefined when any of those cells was not evaluated."""
+    seen = [cell(matrix, step, task) for step in range(learned, k)]
+    known = [v for v in seen if v is not None]
+    peak = max(known) if known and len(known) == len(seen) else None
+    return difference(peak, cell(matrix, k, task))
+
+
 def per_task_rows(records: Sequence[StageRecord]) -> list[dict[str, Any]]:
     """per_task.csv: each task of each run, where the run-level metrics come from.
 
@@ -337,32 +363,19 @@ def per_task_rows(records: Sequence[StageRecord]) -> list[dict[str, Any]]:
     (none for the first task); ``next_task_fwt`` R[j][j+1] - R[0][j+1], the study's column: what learning
     task j did for the next one. A cell that was not evaluated leaves the values that need it empty.
     """
-    runs: dict[str, list[StageRecord]] = {}
-    for r in records:
-        runs.setdefault(r.run_id, []).append(r)
     rows = []
-    for recs in runs.values():
-        first = recs[0]
-        order = list(first.order)
-        matrix = {r.step: {t: s["accuracy"] for t, s in r.scores.items()} for r in recs}
-        end = max(r.step for r in recs)
-
-        def cell(step: int, task: str, m: dict[int, dict[str, float]] = matrix) -> float | None:
-            return m.get(step, {}).get(task)
-
+    for recs in _runs(records):
+        order, m, end = list(recs[0].order), _accuracy_matrix(recs), recs[-1].step
         for j, task in enumerate(order[:end], start=1):
-            seen = [cell(step, task) for step in range(j, end)]
-            known = [v for v in seen if v is not None]
-            peak = max(known) if known and len(known) == len(seen) else None
             nxt = order[j] if j < len(order) else None
             rows.append({
-                "model": first.model, "strategy": first.strategy, "order": order_id(order), "seed": first.seed,
-                "task": task, "position": j, "base_acc": cell(0, task), "previous_acc": cell(j - 1, task),
-                "learned_acc": cell(j, task), "final_acc": cell(end, task),
-                "forgetting": difference(peak, cell(end, task)) if j < end else None,
-                "bwt": difference(cell(end, task), cell(j, task)) if j < end else None,
-                "fwt": difference(cell(j - 1, task), cell(0, task)) if j > 1 else None,
-                "next_task_fwt": difference(cell(j, nxt), cell(0, nxt)) if nxt is not None else None,
+                **_run_columns(recs[0]),
+                "task": task, "position": j, "base_acc": cell(m, 0, task), "previous_acc": cell(m, j - 1, task),
+                "learned_acc": cell(m, j, task), "final_acc": cell(m, end, task),
+                "forgetting": _peak_forgetting(m, task, j, end) if j < end else None,
+                "bwt": difference(cell(m, end, task), cell(m, j, task)) if j < end else None,
+                "fwt": difference(cell(m, j - 1, task), cell(m, 0, task)) if j > 1 else None,
+                "next_task_fwt": difference(cell(m, j, nxt), cell(m, 0, nxt)) if nxt is not None else None,
             })
     return rows
 
@@ -380,31 +393,18 @@ def per_task_step_rows(records: Sequence[StageRecord]) -> list[dict[str, Any]]:
     (j > k) ``fwt`` R[k][j] - R[0][j], what the tasks learned so far did for it (0 at the base, as the study
     writes it). The current task (j = k) has neither. A cell that was not evaluated leaves what needs it empty.
     """
-    runs: dict[str, dict[int, StageRecord]] = {}
-    for r in records:
-        runs.setdefault(r.run_id, {})[r.step] = r
     rows = []
-    for by_step in runs.values():
-        first = by_step[min(by_step)]
-        order = list(first.order)
-        matrix = {k: {t: s["accuracy"] for t, s in r.scores.items()} for k, r in by_step.items()}
-
-        def cell(step: int, task: str, m: dict[int, dict[str, float]] = matrix) -> float | None:
-            return m.get(step, {}).get(task)
-
-        for k in sorted(by_step):
-            if not matrix[k]:
+    for recs in _runs(records):
+        m = _accuracy_matrix(recs)
+        for k in sorted(m):
+            if not m[k]:
                 continue  # measured by drift only (evaluation.every): no accuracy at this checkpoint
-            for j, task in enumerate(order, start=1):
-                seen = [cell(step, task) for step in range(j, k)]
-                known = [v for v in seen if v is not None]
-                peak = max(known) if known and len(known) == len(seen) else None
+            for j, task in enumerate(recs[0].order, start=1):
                 rows.append({
-                    "model": first.model, "strategy": first.strategy, "order": order_id(order), "seed": first.seed,
-                    "step": k, "task": task, "position": j, "acc": cell(k, task),
-                    "bwt": difference(cell(k, task), cell(j, task)) if j < k else None,
-                    "forgetting": difference(peak, cell(k, task)) if j < k else None,
-                    "fwt": difference(cell(k, task), cell(0, task)) if j > k else None,
+                    **_run_columns(recs[0]), "step": k, "task": task, "position": j, "acc": cell(m, k, task),
+                    "bwt": difference(cell(m, k, task), cell(m, j, task)) if j < k else None,
+                    "forgetting": _peak_forgetting(m, task, j, k) if j < k else None,
+                    "fwt": difference(cell(m, k, task), cell(m, 0, task)) if j > k else None,
                 })
     return rows
 
@@ -433,7 +433,7 @@ def comparison_rows(records: Sequence[StageRecord]) -> list[dict[str, Any]]:
 
 def comparison_markdown(rows: Sequence[dict[str, Any]]) -> str:
     """comparison.md: the comparison as a Markdown table, ``mean ± std`` where there are several runs."""
-    def cell(row: dict[str, Any], name: str) -> str:
+    def formatted(row: dict[str, Any], name: str) -> str:
         mean, std = row.get(name), row.get(f"{name}_std")
         if mean is None:
             return "—"
@@ -445,7 +445,7 @@ def comparison_markdown(rows: Sequence[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for row in rows:
         lines.append("| " + " | ".join([str(row["model"]), str(row["strategy"]), str(row["runs"])]
-                                        + [cell(row, name) for name, _ in COMPARISON_VALUES]) + " |")
+                                        + [formatted(row, name) for name, _ in COMPARISON_VALUES]) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -47,7 +47,7 @@ class Tracker(Protocol):
 
 
 class NullTracker:
-    """No tracking configured: both calls do nothing."""
+    """No tracking configured: every call does nothing."""
 
     def sync(self, records: Sequence[StageRecord]) -> None:
         return None
