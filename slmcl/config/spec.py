@@ -94,7 +94,9 @@ FromText = BeforeValidator(_yaml_float)
 Count = Annotated[Int, Field(gt=0, le=4096)]
 Limit = Annotated[Int, Field(gt=0)] | None  # None: no limit
 Section = BeforeValidator(_none_is_empty)
-_CONFIG = ConfigDict(extra="forbid", allow_inf_nan=False, defer_build=True)  # built on first use: cheap import
+# Built at import (about 45 ms), not on first use: pydantic's deferred build is not thread-safe, and the
+# monitor's threads reading specs at once saw "no attribute '__pydantic_validator__'". Import is serialized.
+_CONFIG = ConfigDict(extra="forbid", allow_inf_nan=False, defer_build=False)
 
 
 def _enum(names: typing.Callable[[], list[str]]) -> typing.Callable[[dict[str, Any]], None]:

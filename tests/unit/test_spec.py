@@ -532,3 +532,15 @@ def test_cli_validate_good_spec(data: Path, tmp_path: Path) -> None:
                           env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "ok" in proc.stdout and "2 run(s)" in proc.stdout
+
+
+def test_every_spec_dataclass_is_built_at_import_so_threads_never_race_to_build_it() -> None:
+    """pydantic's deferred build is not thread-safe: monitor threads reading specs at once failed with "no
+    attribute '__pydantic_validator__'" (1 process in 15 with 8 threads). A fresh interpreter, as a service's."""
+    code = ("import slmcl.config.spec as m\n"
+            "from pydantic.dataclasses import is_pydantic_dataclass\n"
+            "classes = [v for v in vars(m).values() if isinstance(v, type) and is_pydantic_dataclass(v)]\n"
+            "print(len(classes), sorted(c.__name__ for c in classes if not c.__pydantic_complete__))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[2]).stdout.split(" ", 1)
+    assert int(out[0]) >= 10 and out[1].strip() == "[]", out
